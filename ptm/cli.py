@@ -1,0 +1,49 @@
+"""The `ptm` command: a thin layer over library functions (each area registers its own subcommands)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ptm.errors import PtmError
+
+# Each module has `register(subparsers)`; its subcommands set `func(args) -> int`.
+_COMMAND_MODULES = [
+    "ptm.train.commands",
+    "ptm.merge.commands",
+    "ptm.eval.commands",
+    "ptm.merge.search_commands",
+    "ptm.experiment.commands",
+    "ptm.convert.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # area not present in this build
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PtmError as e:
+        print(f"ptm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ptm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
