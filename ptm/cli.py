@@ -34,7 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ptm.config import split_gin_flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        bindings, argv = split_gin_flags(argv)
+    except PtmError as e:
+        print(f"ptm: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
+    if bindings and not getattr(args, "_accepts_gin", False):
+        print(f"ptm {args.command}: error: --gin.* flags are only accepted by `ptm train`", file=sys.stderr)
+        return 2
+    args.gin_bindings = bindings
     try:
         return int(args.func(args) or 0)
     except PtmError as e:

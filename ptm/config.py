@@ -1,0 +1,98 @@
+"""Gin glue (t5x conventions): the library stays free of gin; this module registers its functions/classes.
+
+`ptm train --gin_file=A.gin --gin_file=B.gin --gin.NAME=VALUE`: files are parsed in order, then bindings, so later
+files and flags win. Files are looked up as given, then relative to the search path: `$PTM_GIN_PATH`
+(colon-separated) and the repository's `gin/` directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+
+from ptm.errors import ConfigError
+
+_REGISTERED = False
+GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+
+def register() -> None:
+    """Register the configurable library objects with gin (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from ptm.data.pipeline import DataConfig, SourceConfig
+    from ptm.model.llama import ModelConfig
+    from ptm.parallel.mesh import MeshConfig
+    from ptm.train.loop import train
+    from ptm.train.optimizer import OptimizerConfig
+
+    for obj in (train, ModelConfig, DataConfig, SourceConfig, OptimizerConfig, MeshConfig):
+        gin.external_configurable(obj, name=obj.__name__)
+    _REGISTERED = True
+
+
+def search_path() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("PTM_GIN_PATH", "").split(":") if p]
+    return [*extra, GIN_DIR]
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parse files then bindings; unknown configurables or parameters become ConfigError naming the culprit."""
+    register()
+    gin.clear_config()
+    for p in search_path():
+        if p.is_dir():
+            gin.add_config_file_search_path(str(p))
+    for f in gin_files:
+        try:
+            with _quiet_gin():
+                gin.parse_config_file(_find(f))
+        except OSError as e:
+            raise ConfigError(f"gin file {f!r} not found (searched: {[str(p) for p in search_path()]})") from e
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"gin file {f!r}: {e}") from e
+    for b in bindings:
+        try:
+            gin.parse_config(b)
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"gin binding {b!r}: {e}") from e
+
+
+def _find(f: str) -> str:
+    """Resolve a gin file against the cwd, then the search path (so gin need not log its misses)."""
+    for base in [Path.cwd(), *search_path()]:
+        if (base / f).is_file():
+            return str(base / f)
+    return f
+
+
+class _quiet_gin:
+    """Gin logs an ERROR for every search-path prefix an `include` misses before it finds the file."""
+
+    def __enter__(self):
+        import logging
+
+        self._logger = logging.getLogger()
+        self._level = self._logger.level
+        self._logger.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        self._logger.setLevel(self._level)
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Pull t5x-style `--gin.NAME=VALUE` flags out of argv; returns (bindings, rest)."""
+    bindings, rest = [], []
+    for a in argv:
+        if a.startswith("--gin."):
+            name, sep, value = a[len("--gin."):].partition("=")
+            if not sep:
+                raise ConfigError(f"{a!r}: expected --gin.NAME=VALUE")
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(a)
+    return bindings, rest

@@ -1,0 +1,105 @@
+"""Read chat examples (`{"messages": [{"role", "content"}, ...]}`) from JSONL or Parquet, local or gs://.
+
+A path may be one file, a directory (all *.jsonl / *.json / *.parquet in it, sorted) or a glob. Every problem
+is a DataError naming `file:line` (JSONL, 1-based) or `file:row N` (Parquet, 1-based).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from etils import epath
+
+from ptm.errors import DataError
+
+_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: list[dict]
+    where: str  # "file:line" for error messages downstream (e.g. an unknown role)
+
+
+def _expand(path: str) -> list[epath.Path]:
+    try:
+        if any(c in path for c in "*?["):
+            # epath globs relative to a base directory: split at the first wildcard component.
+            parts = path.split("/")
+            k = next(i for i, s in enumerate(parts) if any(c in s for c in "*?["))
+            base = epath.Path("/".join(parts[:k]) or ".")
+            files = sorted(base.glob("/".join(parts[k:])), key=str)
+        else:
+            p = epath.Path(path)
+            if p.is_dir():
+                files = sorted((f for f in p.iterdir() if f.name.endswith(_SUFFIXES)), key=str)
+            elif p.exists():
+                files = [p]
+            else:
+                raise DataError(f"{path}: data file not found")
+    except OSError as e:
+        raise DataError(f"{path}: cannot list data: {e}") from e
+    if not files:
+        raise DataError(f"{path}: no data files (*.jsonl, *.parquet) found")
+    return files
+
+
+def _check(rec, where: str) -> Example:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object with 'messages', got {type(rec).__name__}")
+    if "messages" not in rec:
+        raise DataError(f"{where}: missing 'messages' (keys: {sorted(rec)})")
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list, got {type(msgs).__name__}")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} must be an object, got {type(m).__name__}")
+        for k in ("role", "content"):
+            if not isinstance(m.get(k), str):
+                raise DataError(f"{where}: message {i} needs a string {k!r}, got {type(m.get(k)).__name__}")
+    return Example(messages=msgs, where=where)
+
+
+def _read_jsonl(f: epath.Path) -> list[Example]:
+    out = []
+    with f.open("r") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{f}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from e
+            out.append(_check(rec, where))
+    return out
+
+
+def _read_parquet(f: epath.Path) -> list[Example]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with f.open("rb") as fh:
+            table = pq.read_table(fh)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{f}: unreadable Parquet file: {e}") from e
+    if "messages" not in table.column_names:
+        raise DataError(f"{f}: Parquet file has no 'messages' column (columns: {table.column_names})")
+    rows = table.column("messages").to_pylist()
+    return [_check({"messages": m}, f"{f}:row {i}") for i, m in enumerate(rows, 1)]
+
+
+def read_examples(path: str) -> list[Example]:
+    """All examples under `path`, in file order. An empty dataset is an error."""
+    out: list[Example] = []
+    for f in _expand(str(path)):
+        try:
+            out.extend(_read_parquet(f) if f.name.endswith(".parquet") else _read_jsonl(f))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f}: not UTF-8 text: {e}") from e
+    if not out:
+        raise DataError(f"{path}: dataset is empty (no examples)")
+    return out

@@ -1,0 +1,155 @@
+"""Eval-set files: JSONL, one item per line (see docs/eval.md).
+
+    {"task": "mmlu_astronomy", "messages": [{"role": "user", "content": "..."}], "reference": "...",
+     "scorer": "multiple_choice", "choices": [...], "category": "general", "meta": {...}, "id": "..."}
+
+`task`, `messages`, `reference`, `scorer` are required; `category` defaults to "general"; `choices` only for
+multiple_choice; `meta` and `id` are optional. A suite is a directory (every `*.jsonl` under it, sorted) or a list
+of files/directories, local or gs://. Every problem is reported as a DataError naming file:line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from etils import epath
+
+from ptm.errors import DataError
+from ptm.eval import scorers
+
+REQUIRED = ("task", "messages", "reference", "scorer")
+OPTIONAL = ("choices", "category", "meta", "id")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    task: str
+    messages: list[dict[str, str]]
+    reference: str | list[str]
+    scorer: str
+    category: str = "general"
+    choices: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+    where: str = ""  # "file:line", for error messages
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "where"}
+        return {k: v for k, v in d.items() if v is not None and not (k == "meta" and not v)}
+
+
+def parse_item(obj: Any, where: str) -> EvalItem:
+    """Validate one decoded JSON object; raise DataError naming `where` (file:line) on any problem."""
+
+    def bad(msg: str) -> DataError:
+        return DataError(f"{where}: {msg}")
+
+    if not isinstance(obj, dict):
+        raise bad(f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in REQUIRED if k not in obj]
+    if missing:
+        raise bad(f"missing required field(s) {', '.join(missing)}")
+    unknown = sorted(set(obj) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        raise bad(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED + OPTIONAL)}")
+    task, category = obj["task"], obj.get("category", "general")
+    if not (isinstance(task, str) and task):
+        raise bad("'task' must be a non-empty string")
+    if not (isinstance(category, str) and category):
+        raise bad("'category' must be a non-empty string")
+    msgs = obj["messages"]
+    if not isinstance(msgs, list):
+        raise bad("'messages' must be a list of {role, content} objects")
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise bad(f"messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': str}}, got {m!r}")
+    meta = obj.get("meta", {})
+    if not isinstance(meta, dict):
+        raise bad("'meta' must be an object")
+    scorer = obj["scorer"]
+    if not isinstance(scorer, str):
+        raise bad("'scorer' must be a string")
+    choices = obj.get("choices")
+    if choices is not None and scorer != "multiple_choice":
+        raise bad(f"'choices' is only used by the multiple_choice scorer, not {scorer!r}")
+    if scorer != "perplexity" and not msgs:
+        raise bad("'messages' is empty: there is no prompt")
+    err = scorers.validate_item(scorer, obj["reference"], choices, meta)
+    if err:
+        raise bad(err)
+    item_id = obj.get("id")
+    if item_id is not None and not isinstance(item_id, str | int):
+        raise bad("'id' must be a string or integer")
+    return EvalItem(task=task, messages=msgs, reference=obj["reference"], scorer=scorer, category=category,
+                    choices=choices, meta=meta, id=None if item_id is None else str(item_id), where=where)
+
+
+def load_eval_file(path: str | epath.Path) -> list[EvalItem]:
+    p = epath.Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError as e:
+        raise DataError(f"{p}: eval file not found") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: cannot read eval file: {e}") from e
+    items = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        items.append(parse_item(obj, where))
+    return items
+
+
+def suite_files(suite: str | epath.Path | Sequence[str | epath.Path]) -> list[epath.Path]:
+    """Expand a directory (all *.jsonl below it, sorted) or a list of files/directories to eval files."""
+    entries = [suite] if isinstance(suite, str | epath.Path) else list(suite)
+    files: list[epath.Path] = []
+    for e in entries:
+        p = epath.Path(e)
+        if p.is_dir():
+            found = sorted(p.rglob("*.jsonl"), key=str)
+            if not found:
+                raise DataError(f"{p}: directory has no *.jsonl eval files")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such eval file or directory")
+    if not files:
+        raise DataError("empty eval suite: no files given")
+    return files
+
+
+def load_suite(suite: str | epath.Path | Sequence[str | epath.Path]) -> list[EvalItem]:
+    items: list[EvalItem] = []
+    for f in suite_files(suite):
+        items.extend(load_eval_file(f))
+    if not items:
+        raise DataError(f"eval suite {suite} has no items")
+    return items
+
+
+def write_eval_file(path: str | epath.Path, items: Iterable[EvalItem | dict[str, Any]]) -> int:
+    """Validate and write items as JSONL (for generators such as ptm.data.toy); returns the item count.
+
+    Writes to a temporary name and renames, so a failed write never leaves a half file behind."""
+    p = epath.Path(path)
+    lines = []
+    for i, it in enumerate(items, start=1):
+        obj = it.to_json() if isinstance(it, EvalItem) else dict(it)
+        parse_item(obj, f"{p}:{i}")  # refuse to write what we could not read back
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / f".{p.name}.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.rename(p)
+    return len(lines)

@@ -1,0 +1,239 @@
+"""Merge recipes: what to merge, how, and where to write it (TOML files or built in code).
+
+A recipe names its inputs by role (`pre`/`base`, `general`, `skills`, `cft`, `models`), a method from
+`ptm.merge.methods.REGISTRY`, weights (`omega`/`weights`: a number, a list with one entry per weighted input,
+a per-layer schedule, or "heuristic"), per-tensor overrides, method options, and the output. `sweep` turns one
+recipe into several that the engine runs in a single pass over the inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from ptm import ckpt_format
+from ptm.errors import ConfigError, MergeError
+from ptm.merge import methods
+
+ROLES = ("pre", "general", "skills", "cft", "models")
+LIST_ROLES = ("skills", "models")
+TOP_KEYS = {"method", "inputs", "omega", "weights", "overrides", "sweep", "out", "outs", "output_dtype",
+            "output_format", "seed", "density", "drop_rate", "normalize", "allow_nonfinite", "name"}
+
+
+@dataclass
+class Recipe:
+    method: str
+    inputs: dict[str, Any]  # role -> path, or list of paths for skills/models
+    weights: Any = 1.0  # number | list | {"layers": [...]} | {"anchors": [...]} | "heuristic"
+    overrides: list[dict[str, Any]] = field(default_factory=list)  # [{"pattern": ..., "weights": ...}]
+    out: str | None = None
+    output_dtype: str | None = None  # default: the inputs' dtype
+    output_format: str | None = None  # "orbax" | "safetensors"; default: the first input's kind
+    seed: int = 0
+    density: float | None = None
+    drop_rate: float | None = None
+    normalize: bool | None = None
+    allow_nonfinite: bool = False
+    name: str = ""
+
+    def input_paths(self) -> list[str]:
+        """All input paths in a fixed role order (what the engine opens and reads)."""
+        out = []
+        for r in ROLES:
+            v = self.inputs.get(r)
+            if v is None:
+                continue
+            out.extend(v if isinstance(v, list) else [v])
+        return out
+
+    def options(self) -> dict[str, Any]:
+        return {"density": self.density, "drop_rate": self.drop_rate, "normalize": self.normalize}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _norm_inputs(inputs: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in inputs.items():
+        role = {"base": "pre", "skill": "skills", "model": "models"}.get(k, k)
+        if role not in ROLES:
+            raise ConfigError(f"{where}: unknown input role {k!r} (roles: pre/base, general, skills, cft, models)")
+        if role in LIST_ROLES:
+            v = [v] if isinstance(v, str) else list(v)
+            if not v or not all(isinstance(p, str) for p in v):
+                raise ConfigError(f"{where}: inputs.{k} must be a path or a non-empty list of paths")
+        elif not isinstance(v, str):
+            raise ConfigError(f"{where}: inputs.{k} must be one path")
+        out[role] = v
+    return out
+
+
+def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
+    """Build the recipe(s) of a dict (a parsed TOML file); a `sweep` list gives one recipe per value."""
+    unknown = set(d) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(TOP_KEYS)})")
+    if "method" not in d:
+        raise ConfigError(f"{where}: missing `method`")
+    if "inputs" not in d or not isinstance(d["inputs"], dict):
+        raise ConfigError(f"{where}: missing [inputs] table")
+    if "omega" in d and "weights" in d:
+        raise ConfigError(f"{where}: give `omega` or `weights`, not both")
+    overrides = []
+    for i, o in enumerate(d.get("overrides", [])):
+        if "pattern" not in o or not ({"omega", "weights"} & set(o)):
+            raise ConfigError(f"{where}: overrides[{i}] needs `pattern` and `omega` (or `weights`)")
+        overrides.append({"pattern": o["pattern"], "weights": o.get("omega", o.get("weights"))})
+    base = Recipe(
+        method=str(d["method"]), inputs=_norm_inputs(d["inputs"], where),
+        weights=d.get("omega", d.get("weights", 1.0)), overrides=overrides, out=d.get("out"),
+        output_dtype=d.get("output_dtype"), output_format=d.get("output_format"), seed=int(d.get("seed", 0)),
+        density=d.get("density"), drop_rate=d.get("drop_rate"), normalize=d.get("normalize"),
+        allow_nonfinite=bool(d.get("allow_nonfinite", False)), name=str(d.get("name", "")),
+    )
+    if "sweep" not in d:
+        if "outs" in d:
+            raise ConfigError(f"{where}: `outs` is only for sweeps; use `out`")
+        return [base]
+    return expand_sweep(base, list(d["sweep"]), d.get("outs"), where)
+
+
+def expand_sweep(base: Recipe, values: list[Any], outs: list[str] | None = None,
+                 where: str = "recipe") -> list[Recipe]:
+    """One recipe per weight value. Outputs come from `outs` or from `out` with `{omega}` / `{i}` in it."""
+    if not values:
+        raise ConfigError(f"{where}: empty sweep")
+    if outs is not None and len(outs) != len(values):
+        raise ConfigError(f"{where}: sweep has {len(values)} values but outs has {len(outs)} paths")
+    if outs is None and base.out is not None and "{omega}" not in base.out and "{i}" not in base.out:
+        raise ConfigError(f"{where}: a sweep's `out` must contain {{omega}} or {{i}} (or give `outs`)")
+    rs = []
+    for i, v in enumerate(values):
+        out = outs[i] if outs is not None else (base.out.format(omega=v, i=i) if base.out else None)
+        rs.append(replace(copy.deepcopy(base), weights=v, out=out, name=base.name or f"sweep[{i}]"))
+    return rs
+
+
+def load(path: str) -> list[Recipe]:
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such recipe file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: bad TOML ({e})") from e
+    return from_dict(d, where=path)
+
+
+# ------------------------------------------------------------------------------------------ weight resolution
+
+
+def heuristic_omegas(recipe: Recipe, metas: dict[str, dict[str, Any] | None]) -> list[float]:
+    """omega_k = |D_k| / |G| (paper Eq. 7) from `data.train_examples` in the skill and general metadata."""
+    def n(path: str) -> int:
+        meta = metas.get(path)
+        v = ((meta or {}).get("data") or {}).get("train_examples")
+        if not isinstance(v, int) or v <= 0:
+            raise MergeError(f"{path}: omega='heuristic' needs data.train_examples in ptm/metadata "
+                             f"(found {v!r}); give omega explicitly")
+        return v
+
+    if "general" not in recipe.inputs or "skills" not in recipe.inputs:
+        raise MergeError("omega='heuristic' needs a general and at least one skill input")
+    g = n(recipe.inputs["general"])
+    return [n(s) / g for s in recipe.inputs["skills"]]
+
+
+def input_metas(recipe: Recipe) -> dict[str, dict[str, Any] | None]:
+    out = {}
+    for p in recipe.input_paths():
+        try:
+            out[p] = ckpt_format.read_meta(ckpt_format.resolve(p).root)
+        except Exception:  # safetensors inputs have no ptm metadata
+            out[p] = None
+    return out
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """Layer index of an unstacked (HF-style) tensor name such as `model.layers.3.mlp.up_proj.weight`."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def is_stacked_layer(name: str) -> bool:
+    return name.startswith("layers.")
+
+
+def schedule_values(spec: Any, n_layers: int, where: str) -> tuple[np.ndarray, float]:
+    """A weight spec as (per-layer float64 values, value for non-layer tensors)."""
+    if isinstance(spec, int | float) and not isinstance(spec, bool):
+        return np.full(n_layers, float(spec)), float(spec)
+    if isinstance(spec, dict):
+        bad = set(spec) - {"layers", "anchors", "default"}
+        if bad or ("layers" in spec) == ("anchors" in spec):
+            raise MergeError(f"{where}: a layer schedule is {{layers = [...]}} or {{anchors = [...]}} "
+                             f"(optional default = x), got {spec!r}")
+        if "layers" in spec:
+            vals = np.asarray(spec["layers"], dtype=np.float64)
+            if vals.shape != (n_layers,):
+                raise MergeError(f"{where}: layer schedule has {vals.size} values but the model has {n_layers} layers")
+        else:
+            anchors = np.asarray(spec["anchors"], dtype=np.float64)
+            if anchors.ndim != 1 or anchors.size < 1:
+                raise MergeError(f"{where}: anchors must be a non-empty list of numbers")
+            if anchors.size == 1 or n_layers == 1:
+                vals = np.full(n_layers, anchors[0])
+            else:
+                vals = np.interp(np.linspace(0, 1, n_layers), np.linspace(0, 1, anchors.size), anchors)
+        default = float(spec.get("default", vals.mean() if vals.size else 0.0))
+        return vals, default
+    raise MergeError(f"{where}: bad weight {spec!r} (a number, a list, or a layer schedule)")
+
+
+def match(pattern: str, name: str) -> bool:
+    """Glob on the tensor name, or a regular expression (re.search) when the pattern starts with `re:`."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass
+class WeightPlan:
+    """Per weighted input, per-layer values and the non-layer value, for one tensor."""
+
+    per_layer: list[np.ndarray]  # one array [n_layers] per weighted input
+    default: list[float]
+
+
+def resolve_weights(recipe: Recipe, method: methods.Method, name: str, n_layers: int,
+                    heuristic: list[float] | None) -> WeightPlan:
+    """The weights that apply to tensor `name`: the first matching override, else the recipe's weights."""
+    spec = recipe.weights
+    where = f"recipe {recipe.name or recipe.method}"
+    for o in recipe.overrides:
+        if match(o["pattern"], name):
+            spec, where = o["weights"], f"override {o['pattern']!r}"
+            break
+    n = method.n_weights(recipe.inputs)
+    if spec == "heuristic":
+        if heuristic is None:
+            raise MergeError(f"{where}: omega='heuristic' is not available for method {method.name!r}")
+        spec = heuristic
+    specs = list(spec) if isinstance(spec, list | tuple) else [spec] * n
+    if len(specs) != n:
+        role = method.weighted if method.weighted != "omega" else "omega"
+        raise MergeError(f"{where}: {len(specs)} weights given but method {method.name!r} needs {n} "
+                         f"(one per entry of {role})")
+    vals = [schedule_values(s, n_layers, where) for s in specs]
+    return WeightPlan([v for v, _ in vals], [d for _, d in vals])

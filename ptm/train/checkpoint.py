@@ -1,0 +1,122 @@
+"""Orbax checkpointing of training runs: async, keep-last-K, exact resume, local or gs://.
+
+Each step dir holds items `params`, `opt_state`, `data_iter` (grain iterator position) and `ptm` (JSON metadata:
+model config, step, data counts). `params` alone is a complete model checkpoint (see docs/checkpoint-format.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from ptm import ckpt_format
+from ptm.errors import CheckpointError
+from ptm.model.llama import ModelConfig
+
+
+class RunCheckpointer:
+    """Thin wrapper over `ocp.CheckpointManager` for `<run_dir>/checkpoints`."""
+
+    def __init__(self, run_dir: str | epath.Path, *, save_every: int, keep: int = 2, async_save: bool = True):
+        self.directory = epath.Path(run_dir) / "checkpoints"
+        self.save_every = max(int(save_every), 1)
+        opts = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=1,  # we decide when to save
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, data_iter, meta: dict[str, Any], *, force: bool = False) -> bool:
+        if not force and step % self.save_every:
+            return False
+        args = {
+            "params": ocp.args.StandardSave(state["params"]),
+            "opt_state": ocp.args.StandardSave(state["opt_state"]),
+            "ptm": ocp.args.JsonSave(meta),
+        }
+        if data_iter is not None:
+            import grain
+
+            args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def restore(self, step: int, abstract_state: dict, data_iter) -> tuple[dict, dict]:
+        """Restore state (with the shardings in `abstract_state`) and the data iterator in place."""
+        meta = ckpt_format.read_meta(self.directory / str(step))
+        if meta is None:
+            raise CheckpointError(f"{self.directory / str(step)}: not a ptm checkpoint (no ptm/metadata)")
+        args = {
+            "params": ocp.args.StandardRestore(abstract_state["params"]),
+            "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"]),
+        }
+        if data_iter is not None:
+            import grain
+
+            args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax raises many types for corrupt/mismatched trees
+            raise CheckpointError(f"{self.directory / str(step)}: cannot restore training state: {e}") from e
+        step_arr = jax.device_put(np.asarray(meta["step"], np.int32), abstract_state["step"].sharding)
+        return {"step": step_arr, "params": out["params"], "opt_state": out["opt_state"]}, meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def check_same_model(meta: dict, cfg: ModelConfig, where: str) -> None:
+    """Refuse to resume/init from a checkpoint whose parameter shapes differ from the configured model."""
+    theirs = ModelConfig.from_dict(meta["model"]).shape_dict()
+    ours = cfg.shape_dict()
+    diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{where}: model config differs from the checkpoint's ({lines})")
+
+
+def load_params(path: str | epath.Path, shardings=None, *, model_config: ModelConfig | None = None):
+    """Load just the params of a model checkpoint (run dir, step dir, merge output or bare Orbax dir).
+
+    With `shardings` (a tree of NamedSharding), each process reads only its shards. Returns (params, meta).
+    """
+    ref = ckpt_format.resolve(path)
+    if model_config is not None and ref.meta is not None:
+        check_same_model(ref.meta, model_config, str(ref.root))
+    ckptr = ocp.StandardCheckpointer()
+    if shardings is None:  # everything on the first local device
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: dev, _meta_tree(ckptr, ref.params_path),
+                                 is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    try:
+        params = ckptr.restore(ref.params_path, _abstract_from_meta(ckptr, ref.params_path, shardings))
+    except Exception as e:
+        raise CheckpointError(f"{ref.params_path}: cannot read params: {e}") from e
+    return params, ref.meta
+
+
+def _meta_tree(ckptr, params_path):
+    try:
+        meta_tree = ckptr.metadata(params_path)
+    except Exception as e:
+        raise CheckpointError(f"{params_path}: not a readable Orbax checkpoint: {e}") from e
+    tree = getattr(meta_tree, "item_metadata", meta_tree)
+    return getattr(tree, "tree", tree)
+
+
+def _abstract_from_meta(ckptr, params_path, shardings):
+    tree = _meta_tree(ckptr, params_path)
+    return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings,
+                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))

@@ -1,0 +1,66 @@
+"""Training metrics: a console progress bar and TensorBoard event files (process 0 only)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+
+
+# Peak dense bf16 FLOP/s per JAX device, for the MFU estimate (None = unknown, e.g. CPU).
+PEAK_FLOPS = {
+    "TPU v3": 61.5e12,  # 123 TFLOP/s per chip, 2 cores (= 2 JAX devices) per chip
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+class MetricsLogger:
+    def __init__(self, log_dir: str | None, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if log_dir:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                        disable=None)
+        self._t = time.perf_counter()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            short = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if k in metrics}
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in short.items()},
+                                 refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,163 @@
+"""One process of a local multi-process JAX cluster (started by tests/scale/test_multihost.py).
+
+Usage: python mp_worker.py SCENARIO OUT_DIR [ARGS...]; coordinator/process id come from PTM_* variables.
+Each process writes OUT_DIR/result_<pid>.npz (plus scenario files) for the test to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from ptm.parallel import distributed
+
+SCENARIOS = {}
+
+
+def scenario(fn):
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+def _global_inputs():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal((32, 24)).astype(np.float32)
+
+
+def _mesh():
+    import jax
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+
+
+@scenario
+def compute(out: str) -> dict:
+    """A sharded matmul: rows over `data` (each process feeds only its own rows), columns over `model`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x, w = _global_inputs()
+    mesh = _mesh()
+    xs = NamedSharding(mesh, P("data", None))
+    rows = x.shape[0] // jax.process_count()
+    pid = jax.process_index()
+    gx = jax.make_array_from_process_local_data(xs, x[pid * rows:(pid + 1) * rows], x.shape)
+    gw = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+
+    @jax.jit
+    def f(a, b):
+        y = jnp.tanh(a @ b)
+        return y, jnp.sum(y * y)
+
+    y, total = f(gx, gw)
+    return {"y": multihost_utils.process_allgather(y, tiled=True), "total": np.asarray(total)}
+
+
+@scenario
+def ckpt(out: str) -> dict:
+    """Every process saves its shards into one folder, then restores with the same shardings."""
+    import jax
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x, w = _global_inputs()
+    mesh = _mesh()
+    shard = {"x": NamedSharding(mesh, P("data", "model")), "w": NamedSharding(mesh, P(None, "model"))}
+    tree = {"x": jax.device_put(x, shard["x"]), "w": jax.device_put(w, shard["w"])}
+    path = f"{out}/ckpt"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, tree)
+    ckptr.wait_until_finished()
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard)
+    back = ckptr.restore(path, abstract)
+    local_ok = all(
+        np.array_equal(np.asarray(s.data), np.asarray(t.data))
+        for k in tree for s, t in zip(back[k].addressable_shards, tree[k].addressable_shards, strict=True)
+    )
+    return {"x": multihost_utils.process_allgather(back["x"], tiled=True),
+            "local_ok": np.asarray(local_ok),
+            "n_local_shards": np.asarray(len(back["x"].addressable_shards))}
+
+
+def tiny_model_config():
+    from ptm.model.llama import ModelConfig
+
+    return ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                       mlp_dim=64, dtype="float32", max_seq_len=16)
+
+
+def global_batch(i: int, batch: int = 8, seq: int = 16) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + i)
+    tokens = rng.integers(1, 64, size=(batch, seq + 1), dtype=np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "loss_mask": (rng.random((batch, seq)) < 0.7).astype(np.float32),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+@scenario
+def train(out: str) -> dict:
+    """The real sharded train step (data 2 x fsdp 2 x tensor 2, grad accumulation 2), a checkpoint written by
+    every process through the run checkpointer, restored, and one more step from both copies."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from ptm import ckpt_format
+    from ptm.parallel.mesh import MeshConfig, batch_sharding, make_mesh
+    from ptm.train.checkpoint import RunCheckpointer
+    from ptm.train.optimizer import OptimizerConfig, make_optimizer
+    from ptm.train.step import init_state, jit_train_step, state_shardings
+
+    cfg = tiny_model_config()
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0), total_steps=10)
+    step = jit_train_step(cfg, opt, mesh, grad_accum_steps=2)
+    bsh = batch_sharding(mesh)
+
+    def put(b):  # every process holds the same global batch; each device takes its own rows
+        return {k: jax.make_array_from_callback(v.shape, bsh, lambda idx, v=v: v[idx]) for k, v in b.items()}
+
+    state = init_state(cfg, opt, mesh, seed=0)
+    losses = []
+    for i in range(2):
+        state, m = step(state, put(global_batch(i)))
+        losses.append(float(m["loss"]))
+    ck = RunCheckpointer(f"{out}/run", save_every=1, keep=1)
+    ck.save(2, state, None, ckpt_format.make_meta(cfg.to_dict(), 2), force=True)
+    ck.wait()
+    abstract, _ = state_shardings(cfg, opt, mesh)
+    restored, meta = ck.restore(2, abstract, None)
+    ck.close()
+    state, m = step(state, put(global_batch(2)))
+    restored, m_r = step(restored, put(global_batch(2)))
+    params = multihost_utils.process_allgather(state["params"], tiled=True)
+    params_r = multihost_utils.process_allgather(restored["params"], tiled=True)
+    flat = {f"p/{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat_r = {f"r/{jax.tree_util.keystr(k)}": np.asarray(v)
+              for k, v in jax.tree_util.tree_leaves_with_path(params_r)}
+    return {"losses": np.array(losses + [float(m["loss"])]), "loss_restored": np.asarray(float(m_r["loss"])),
+            "meta_step": np.asarray(meta["step"]), **flat, **flat_r}
+
+
+def main(argv: list[str]) -> int:
+    name, out = argv[0], argv[1]
+    info = distributed.initialize()
+    result = SCENARIOS[name](out, *argv[2:])
+    np.savez(f"{out}/result_{info.process_id}.npz", **result)
+    with open(f"{out}/info_{info.process_id}.json", "w") as f:
+        json.dump(info.__dict__ | {"is_coordinator": info.is_coordinator}, f)
+    distributed.sync("done")
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

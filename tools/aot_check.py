@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""Prove a TPU v3 configuration by compiling it, without a TPU (deviceless AOT with libtpu).
+
+For each plan (model, slice topology, mesh, global batch, context, gradient accumulation) this lowers and compiles
+the real `ptm.train.step` train step with NamedShardings on a compile-only TPU mesh and reports per-device HBM
+(compiler's memory_analysis) against v3's 15.48 GiB usable HBM per core, analytic FLOPs per step (cost_analysis
+counts a scanned layer body once, so it cannot be used) and the step time a given MFU implies at v3's peak.
+`RESOURCE_EXHAUSTED` from the compiler is a verdict, not a crash. It can also compile a device-side sharded merge
+of one full tensor set (task arithmetic over all parameters, bf16 in and out, fp32 math).
+
+Needs `pip install "jax[tpu]==<your jax version>"` (libtpu). CPU use is unaffected: set JAX_PLATFORMS=cpu.
+
+  python tools/aot_check.py --plan v3-32            # one of PLANS (the paper's 7B run on each slice)
+  python tools/aot_check.py --all --json out.json   # every plan
+  python tools/aot_check.py --model tiny --topology v3:2x2 --mesh 1,8,1 --batch 16 --seq 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# libtpu takes a host-wide lock file for real chips; compile-only use touches no chip, so let several
+# checks (and other users on the machine) run at once. Must be set before libtpu loads.
+for _k, _v in {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+               "TPU_ACCELERATOR_TYPE": "v3-8"}.items():
+    os.environ.setdefault(_k, _v)
+
+GIB = 1024**3
+V3_USABLE_HBM_BYTES = int(15.48 * GIB)  # per TensorCore (= JAX device): 16 GiB minus what the runtime reserves
+# Cloud TPU docs: 123 TFLOP/s bf16 peak per v3 chip; a chip has two TensorCores, each one JAX device.
+V3_PEAK_FLOPS_PER_DEVICE = 123e12 / 2
+
+# Slice name (cores) -> libtpu topology name (chips; 2 devices per chip). libtpu rejects "v3-32" etc.
+V3_TOPOLOGIES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4", "v3-64": "v3:4x8", "v3-128": "v3:8x8",
+                 "v3-256": "v3:8x16", "v3-512": "v3:16x16"}
+
+LLAMA2_7B = dict(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
+                 mlp_dim=11008, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, scan_layers=True,
+                 remat="full", dtype="bfloat16", param_dtype="float32", max_seq_len=4096)
+TINY = dict(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+            dtype="bfloat16", param_dtype="float32", max_seq_len=128)
+MODELS = {"llama2-7b": LLAMA2_7B, "tiny": TINY}
+
+
+@dataclass
+class Plan:
+    """One configuration to prove. `mesh` is (data, fsdp, tensor); batch is global, in sequences per step."""
+
+    name: str
+    model: dict[str, Any]
+    topology: str
+    mesh: tuple[int, int, int]
+    global_batch: int
+    seq_len: int
+    grad_accum: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (e.g. remat)
+
+
+# The paper's run (Llama 2 7B, context 4096, global batch 128, bf16 compute, fp32 master weights + AdamW) on each
+# slice; the same numbers are in gin/meshes/v3-*.gin and gin/runs/paper_7b.gin. One 4096-token sequence per
+# device and micro step; gradient accumulation makes up the global batch of 128.
+PLANS = {
+    "v3-8": Plan("v3-8", LLAMA2_7B, "v3:2x2", (1, 8, 1), 128, 4096, grad_accum=16),
+    "v3-32": Plan("v3-32", LLAMA2_7B, "v3:4x4", (1, 32, 1), 128, 4096, grad_accum=4),
+    "v3-128": Plan("v3-128", LLAMA2_7B, "v3:8x8", (1, 128, 1), 128, 4096, grad_accum=1),
+    "v3-256": Plan("v3-256", LLAMA2_7B, "v3:8x16", (1, 128, 2), 128, 4096, grad_accum=1),
+}
+
+
+def _model_config(plan: Plan):
+    from ptm.model.llama import ModelConfig
+
+    return ModelConfig.from_dict({**plan.model, **plan.overrides, "max_seq_len": max(plan.seq_len, 1)})
+
+
+def compile_only_devices(topology: str):
+    """The devices of a TPU topology that exist only for compilation (needs libtpu, no TPU)."""
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover
+        raise RuntimeError(f"jax.experimental.topologies unavailable: {e}") from e
+    name = V3_TOPOLOGIES.get(topology, topology)
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+
+
+def libtpu_available() -> tuple[bool, str]:
+    """(ok, reason): whether deviceless TPU compilation works in this environment."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return False, 'libtpu is not installed (pip install "jax[tpu]==<jax version>")'
+    try:
+        compile_only_devices("v3:2x2")
+    except Exception as e:  # noqa: BLE001 - report whatever libtpu says
+        return False, f"libtpu cannot build a compile-only v3 topology: {e}"
+    return True, ""
+
+
+def _memory(compiled) -> dict[str, int]:
+    ma = compiled.memory_analysis()
+    out = {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    # Donated state aliases its output: count those bytes once.
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
+    return out
+
+
+def _verdict_from_error(e: Exception) -> tuple[str, str]:
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" in msg:
+        first = next((ln.strip() for ln in msg.splitlines() if "RESOURCE_EXHAUSTED" in ln), msg[:300])
+        return "RESOURCE_EXHAUSTED", first[:400]
+    raise e
+
+
+def check_train(plan: Plan, learning_rate: float = 2e-5) -> dict[str, Any]:
+    """Compile the real train step for `plan` on compile-only TPU devices; return memory/FLOPs/verdict."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from ptm.model.llama import flops_per_token, param_count
+    from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig, batch_sharding, data_parallel_size, make_mesh
+    from ptm.train.optimizer import OptimizerConfig, make_optimizer
+    from ptm.train.step import jit_train_step, state_shardings
+
+    cfg = _model_config(plan)
+    devices = compile_only_devices(plan.topology)
+    mesh = make_mesh(MeshConfig(*plan.mesh), devices)
+    dp = data_parallel_size(mesh, DEFAULT_RULES)
+    micro = plan.global_batch // plan.grad_accum
+    if plan.global_batch % plan.grad_accum or micro % dp:
+        raise ValueError(f"{plan.name}: global batch {plan.global_batch} / accum {plan.grad_accum} = {micro} "
+                         f"must be divisible by the data-parallel size {dp}")
+    opt = make_optimizer(OptimizerConfig(learning_rate=learning_rate), total_steps=1000)
+    # Abstract state (eval_shape) is built outside the compile-only mesh context (see NOTES.md).
+    abstract, _ = state_shardings(cfg, opt, mesh, DEFAULT_RULES)
+    bsh = batch_sharding(mesh, DEFAULT_RULES)
+    shape = (plan.global_batch, plan.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=bsh) for k, dt in
+             (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
+              ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+    step = jit_train_step(cfg, opt, mesh, DEFAULT_RULES, grad_accum_steps=plan.grad_accum)
+
+    n_dev = len(devices)
+    tokens = plan.global_batch * plan.seq_len
+    flops = flops_per_token(cfg, plan.seq_len) * tokens
+    res: dict[str, Any] = {
+        "plan": plan.name, "topology": V3_TOPOLOGIES.get(plan.topology, plan.topology), "devices": n_dev,
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape, strict=True)),
+        "params": param_count(cfg), "global_batch": plan.global_batch, "seq_len": plan.seq_len,
+        "grad_accum": plan.grad_accum, "seqs_per_device_per_micro": micro // dp, "remat": cfg.remat,
+        "model_flops_per_step": flops, "hbm_limit_bytes": V3_USABLE_HBM_BYTES,
+        "peak_flops_per_device": V3_PEAK_FLOPS_PER_DEVICE,
+        # Step time if the slice ran at 100% of peak; divide by the MFU you expect (or measure).
+        "ideal_step_s": flops / (n_dev * V3_PEAK_FLOPS_PER_DEVICE),
+    }
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+            compiled = step.jitted.lower(abstract, batch).compile()
+    except Exception as e:  # noqa: BLE001 - only RESOURCE_EXHAUSTED is a verdict; others re-raise
+        res["verdict"], res["error"] = _verdict_from_error(e)
+        res["compile_s"] = time.perf_counter() - t0
+        return res
+    res["compile_s"] = time.perf_counter() - t0
+    mem = _memory(compiled)
+    res["memory_bytes"] = mem
+    res["verdict"] = "fits" if mem["peak"] <= V3_USABLE_HBM_BYTES else "over HBM"
+    return res
+
+
+def check_merge(plan: Plan, n_skills: int = 1) -> dict[str, Any]:
+    """Compile task arithmetic G + sum_k w_k (S_k - pre) over the full parameter tree, every tensor sharded like
+    the training params (bf16 inputs and output, fp32 arithmetic): one tensor set merged on the device mesh."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from ptm.model.llama import abstract_params
+    from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
+
+    cfg = _model_config(plan)
+    devices = compile_only_devices(plan.topology)
+    mesh = make_mesh(MeshConfig(*plan.mesh), devices)
+    shard = param_shardings(cfg, mesh, DEFAULT_RULES)
+    tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=s),
+                        abstract_params(cfg), shard)
+
+    def merge(general, pre, skills, weights):
+        def one(g, p, *ss):
+            acc = g.astype(jnp.float32)
+            for k, s in enumerate(ss):
+                acc = acc + weights[k] * (s.astype(jnp.float32) - p.astype(jnp.float32))
+            return acc.astype(jnp.bfloat16)
+
+        return jax.tree.map(one, general, pre, *skills)
+
+    w = jax.ShapeDtypeStruct((n_skills,), jnp.float32)
+    jitted = jax.jit(merge, out_shardings=shard)
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"plan": plan.name + ":merge", "devices": len(devices), "inputs": 2 + n_skills,
+                           "hbm_limit_bytes": V3_USABLE_HBM_BYTES}
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+            compiled = jitted.lower(tree, tree, [tree] * n_skills, w).compile()
+    except Exception as e:  # noqa: BLE001
+        res["verdict"], res["error"] = _verdict_from_error(e)
+        return res
+    res["compile_s"] = time.perf_counter() - t0
+    res["memory_bytes"] = _memory(compiled)
+    res["verdict"] = "fits" if res["memory_bytes"]["peak"] <= V3_USABLE_HBM_BYTES else "over HBM"
+    return res
+
+
+def format_result(r: dict[str, Any], mfus: tuple[float, ...] = (0.3, 0.5)) -> str:
+    lines = [f"== {r['plan']}: {r['verdict']}"]
+    if "mesh" in r:
+        m = r["mesh"]
+        lines.append(f"   {r['topology']} ({r['devices']} devices), mesh data={m['data']} fsdp={m['fsdp']} "
+                     f"tensor={m['tensor']}, {r['params'] / 1e9:.2f}B params, batch {r['global_batch']} x "
+                     f"{r['seq_len']} (accum {r['grad_accum']}, {r['seqs_per_device_per_micro']} seq/device/micro"
+                     f"), remat={r['remat']}")
+    if "memory_bytes" in r:
+        mb = r["memory_bytes"]
+        lines.append(f"   HBM per device: {mb['peak'] / GIB:.2f} GiB of {r['hbm_limit_bytes'] / GIB:.2f} GiB "
+                     f"(arguments {mb['argument'] / GIB:.2f}, temporaries {mb['temp'] / GIB:.2f}, "
+                     f"outputs {mb['output'] / GIB:.2f}, aliased {mb['alias'] / GIB:.2f})")
+    if "error" in r:
+        lines.append(f"   compiler: {r['error']}")
+    if "model_flops_per_step" in r:
+        tf = r["model_flops_per_step"] / 1e12
+        proj = ", ".join(f"{r['ideal_step_s'] / u:.1f} s at {u:.0%} MFU" for u in mfus)
+        lines.append(f"   model FLOPs/step {tf:,.0f} TFLOP (6N+attention, no remat); peak "
+                     f"{r['peak_flops_per_device'] / 1e12:.1f} TFLOP/s/device; step {r['ideal_step_s']:.1f} s "
+                     f"at 100% MFU, {proj}")
+    if "compile_s" in r:
+        lines.append(f"   compiled in {r['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", action="append", choices=sorted(PLANS), help="a named plan (repeatable)")
+    ap.add_argument("--all", action="store_true", help="every named plan")
+    ap.add_argument("--model", choices=sorted(MODELS), help="ad-hoc plan: model shape")
+    ap.add_argument("--topology", default="v3:2x2", help="ad-hoc plan: v3-8 .. v3-512 or a libtpu name")
+    ap.add_argument("--mesh", default="1,-1,1", help="ad-hoc plan: data,fsdp,tensor (one may be -1)")
+    ap.add_argument("--batch", type=int, default=8, help="ad-hoc plan: global batch (sequences)")
+    ap.add_argument("--seq", type=int, default=128, help="ad-hoc plan: sequence length")
+    ap.add_argument("--accum", type=int, default=1, help="ad-hoc plan: gradient accumulation steps")
+    ap.add_argument("--remat", choices=("none", "full", "dots", "save_dots"), help="override the model's remat")
+    ap.add_argument("--merge", action="store_true", help="also compile a sharded merge of one tensor set")
+    ap.add_argument("--json", help="write all results to this JSON file")
+    args = ap.parse_args(argv)
+
+    plans = [PLANS[n] for n in (sorted(PLANS) if args.all else (args.plan or []))]
+    if args.model:
+        mesh = tuple(int(x) for x in args.mesh.split(","))
+        if len(mesh) != 3:
+            ap.error("--mesh needs three sizes: data,fsdp,tensor")
+        n = len(compile_only_devices(args.topology))
+        from ptm.parallel.mesh import MeshConfig
+
+        mesh = MeshConfig(*mesh).resolve(n)
+        plans.append(Plan(f"{args.model}@{args.topology}", MODELS[args.model], args.topology, mesh, args.batch,
+                          args.seq, args.accum))
+    if not plans:
+        ap.error("give --plan, --all or --model")
+    if args.remat:
+        plans = [dataclasses.replace(p, overrides={**p.overrides, "remat": args.remat}) for p in plans]
+    ok, why = libtpu_available()
+    if not ok:
+        print(f"aot_check: {why}", file=sys.stderr)
+        return 2
+    results = []
+    for p in plans:
+        r = check_train(p)
+        print(format_result(r), flush=True)
+        results.append(r)
+        if args.merge:
+            m = check_merge(p)
+            print(format_result(m), flush=True)
+            results.append(m)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+    return 0 if all(r["verdict"] in ("fits", "RESOURCE_EXHAUSTED", "over HBM") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
