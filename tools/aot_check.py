@@ -1,18 +1,20 @@
 #!/usr/bin/env python
 """Prove a TPU v3 configuration by compiling it, without a TPU (deviceless AOT with libtpu).
 
-For each plan (model, slice topology, mesh, global batch, context, gradient accumulation) this lowers and compiles
-the real `ptm.train.step` train step with NamedShardings on a compile-only TPU mesh and reports per-device HBM
-(compiler's memory_analysis) against v3's 15.48 GiB usable HBM per core, analytic FLOPs per step (cost_analysis
-counts a scanned layer body once, so it cannot be used) and the step time a given MFU implies at v3's peak.
-`RESOURCE_EXHAUSTED` from the compiler is a verdict, not a crash. It can also compile a device-side sharded merge
-of one full tensor set (task arithmetic over all parameters, bf16 in and out, fp32 math).
+Each plan is a set of gin files (+ bindings) exactly as given to `ptm train`, plus a slice topology; this
+lowers and compiles the real `ptm.train.step` train step with NamedShardings on a compile-only TPU mesh and
+reports per-device HBM (compiler's memory_analysis) against v3's 15.48 GiB usable HBM per core, analytic FLOPs
+per step (cost_analysis counts a scanned layer body once, so it cannot be used) and the step time a given MFU
+implies at v3's peak. `RESOURCE_EXHAUSTED` from the compiler is a verdict, not a crash. It can also compile a
+device-side sharded merge of one full tensor set (task arithmetic over all parameters, bf16 in and out, fp32
+math).
 
 Needs `pip install "jax[tpu]==<your jax version>"` (libtpu). CPU use is unaffected: set JAX_PLATFORMS=cpu.
 
   python tools/aot_check.py --plan v3-32            # one of PLANS (the paper's 7B run on each slice)
   python tools/aot_check.py --all --json out.json   # every plan
-  python tools/aot_check.py --model tiny --topology v3:2x2 --mesh 1,8,1 --batch 16 --seq 128
+  python tools/aot_check.py --gin_file models/tiny.gin --gin_file runs/base.gin --gin_file meshes/v3-8.gin \
+      --topology v3-8 --gin "DataConfig.seq_len=128" --gin "DataConfig.global_batch_size=16"
 """
 
 from __future__ import annotations
@@ -28,56 +30,83 @@ from typing import Any
 
 # libtpu takes a host-wide lock file for real chips; compile-only use touches no chip, so let several
 # checks (and other users on the machine) run at once. Must be set before libtpu loads.
-for _k, _v in {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-               "TPU_ACCELERATOR_TYPE": "v3-8"}.items():
+for _k, _v in {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_SKIP_MDS_QUERY": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_ACCELERATOR_TYPE": "v3-8",
+}.items():
     os.environ.setdefault(_k, _v)
 
 GIB = 1024**3
-V3_USABLE_HBM_BYTES = int(15.48 * GIB)  # per TensorCore (= JAX device): 16 GiB minus what the runtime reserves
+V3_USABLE_HBM_BYTES = int(
+    15.48 * GIB
+)  # per TensorCore (= JAX device): 16 GiB minus what the runtime reserves
 # Cloud TPU docs: 123 TFLOP/s bf16 peak per v3 chip; a chip has two TensorCores, each one JAX device.
 V3_PEAK_FLOPS_PER_DEVICE = 123e12 / 2
 
 # Slice name (cores) -> libtpu topology name (chips; 2 devices per chip). libtpu rejects "v3-32" etc.
-V3_TOPOLOGIES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4", "v3-64": "v3:4x8", "v3-128": "v3:8x8",
-                 "v3-256": "v3:8x16", "v3-512": "v3:16x16"}
-
-LLAMA2_7B = dict(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
-                 mlp_dim=11008, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, scan_layers=True,
-                 remat="full", dtype="bfloat16", param_dtype="float32", max_seq_len=4096)
-TINY = dict(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
-            dtype="bfloat16", param_dtype="float32", max_seq_len=128)
-MODELS = {"llama2-7b": LLAMA2_7B, "tiny": TINY}
+V3_TOPOLOGIES = {
+    "v3-8": "v3:2x2",
+    "v3-32": "v3:4x4",
+    "v3-64": "v3:4x8",
+    "v3-128": "v3:8x8",
+    "v3-256": "v3:8x16",
+    "v3-512": "v3:16x16",
+}
 
 
 @dataclass
 class Plan:
-    """One configuration to prove. `mesh` is (data, fsdp, tensor); batch is global, in sequences per step."""
+    """One configuration to prove: what `ptm train` would run with these gin files, on `topology`."""
 
     name: str
-    model: dict[str, Any]
     topology: str
-    mesh: tuple[int, int, int]
-    global_batch: int
-    seq_len: int
-    grad_accum: int = 1
-    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (e.g. remat)
+    gin_files: list[str]
+    bindings: list[str] = field(default_factory=list)
 
 
-# The paper's run (Llama 2 7B, context 4096, global batch 128, bf16 compute, fp32 master weights + AdamW) on each
-# slice; the same numbers are in gin/meshes/v3-*.gin and gin/runs/paper_7b.gin. One 4096-token sequence per
-# device and micro step; gradient accumulation makes up the global batch of 128.
+# The paper's run (Llama 2 7B, context 4096, global batch 128, bf16 compute, fp32 master weights + AdamW,
+# full remat) on each v3 slice: the mesh and gradient accumulation come from gin/meshes/v3-*.gin.
+PAPER_GIN = ["models/llama2_7b.gin", "runs/base.gin"]
 PLANS = {
-    "v3-8": Plan("v3-8", LLAMA2_7B, "v3:2x2", (1, 8, 1), 128, 4096, grad_accum=16),
-    "v3-32": Plan("v3-32", LLAMA2_7B, "v3:4x4", (1, 32, 1), 128, 4096, grad_accum=4),
-    "v3-128": Plan("v3-128", LLAMA2_7B, "v3:8x8", (1, 128, 1), 128, 4096, grad_accum=1),
-    "v3-256": Plan("v3-256", LLAMA2_7B, "v3:8x16", (1, 128, 2), 128, 4096, grad_accum=1),
+    name: Plan(name, name, [*PAPER_GIN, f"meshes/{name}.gin"])
+    for name in ("v3-8", "v3-32", "v3-128", "v3-256")
 }
 
 
-def _model_config(plan: Plan):
-    from ptm.model.llama import ModelConfig
+@dataclass
+class Resolved:
+    model: Any  # ModelConfig
+    mesh: Any  # MeshConfig
+    optimizer: Any  # OptimizerConfig
+    rules: Any
+    global_batch: int
+    seq_len: int
+    grad_accum: int
 
-    return ModelConfig.from_dict({**plan.model, **plan.overrides, "max_seq_len": max(plan.seq_len, 1)})
+
+def resolve_plan(plan: Plan) -> Resolved:
+    """Parse the plan's gin files + bindings exactly as `ptm train` does and read what `train` would get."""
+    import gin
+    from ptm import config
+    from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig
+    from ptm.train.optimizer import OptimizerConfig
+
+    config.parse(plan.gin_files, plan.bindings)
+    b = gin.get_bindings("train")
+    gin.clear_config()
+    if "model" not in b or "data" not in b:
+        raise ValueError(f"{plan.name}: gin files {plan.gin_files} bind no train.model / train.data")
+    return Resolved(
+        model=b["model"],
+        mesh=b.get("mesh", MeshConfig()),
+        optimizer=b.get("optimizer", OptimizerConfig()),
+        rules=b.get("rules", DEFAULT_RULES),
+        global_batch=b["data"].global_batch_size,
+        seq_len=b["data"].seq_len,
+        grad_accum=int(b.get("grad_accum_steps", 1)),
+    )
 
 
 def compile_only_devices(topology: str):
@@ -105,8 +134,10 @@ def libtpu_available() -> tuple[bool, str]:
 
 def _memory(compiled) -> dict[str, int]:
     ma = compiled.memory_analysis()
-    out = {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out = {
+        k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
     # Donated state aliases its output: count those bytes once.
     out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["generated_code"]
     return out
@@ -120,51 +151,70 @@ def _verdict_from_error(e: Exception) -> tuple[str, str]:
     raise e
 
 
-def check_train(plan: Plan, learning_rate: float = 2e-5) -> dict[str, Any]:
+def check_train(plan: Plan) -> dict[str, Any]:
     """Compile the real train step for `plan` on compile-only TPU devices; return memory/FLOPs/verdict."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from ptm.model.llama import flops_per_token, param_count
-    from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig, batch_sharding, data_parallel_size, make_mesh
-    from ptm.train.optimizer import OptimizerConfig, make_optimizer
+    from ptm.parallel.mesh import batch_sharding, data_parallel_size, make_mesh
+    from ptm.train.optimizer import make_optimizer
     from ptm.train.step import jit_train_step, state_shardings
 
-    cfg = _model_config(plan)
+    r = resolve_plan(plan)
+    cfg = r.model
     devices = compile_only_devices(plan.topology)
-    mesh = make_mesh(MeshConfig(*plan.mesh), devices)
-    dp = data_parallel_size(mesh, DEFAULT_RULES)
-    micro = plan.global_batch // plan.grad_accum
-    if plan.global_batch % plan.grad_accum or micro % dp:
-        raise ValueError(f"{plan.name}: global batch {plan.global_batch} / accum {plan.grad_accum} = {micro} "
-                         f"must be divisible by the data-parallel size {dp}")
-    opt = make_optimizer(OptimizerConfig(learning_rate=learning_rate), total_steps=1000)
+    mesh = make_mesh(r.mesh, devices)
+    dp = data_parallel_size(mesh, r.rules)
+    micro = r.global_batch // r.grad_accum
+    if r.global_batch % r.grad_accum or micro % dp:
+        raise ValueError(
+            f"{plan.name}: global batch {r.global_batch} / accum {r.grad_accum} = {micro} "
+            f"must be divisible by the data-parallel size {dp}"
+        )
+    opt = make_optimizer(r.optimizer, total_steps=1000)
     # Abstract state (eval_shape) is built outside the compile-only mesh context (see NOTES.md).
-    abstract, _ = state_shardings(cfg, opt, mesh, DEFAULT_RULES)
-    bsh = batch_sharding(mesh, DEFAULT_RULES)
-    shape = (plan.global_batch, plan.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=bsh) for k, dt in
-             (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32),
-              ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-    step = jit_train_step(cfg, opt, mesh, DEFAULT_RULES, grad_accum_steps=plan.grad_accum)
+    abstract, _ = state_shardings(cfg, opt, mesh, r.rules)
+    bsh = batch_sharding(mesh, r.rules)
+    shape = (r.global_batch, r.seq_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, dt, sharding=bsh)
+        for k, dt in (
+            ("inputs", jnp.int32),
+            ("targets", jnp.int32),
+            ("loss_mask", jnp.float32),
+            ("segment_ids", jnp.int32),
+            ("positions", jnp.int32),
+        )
+    }
+    step = jit_train_step(cfg, opt, mesh, r.rules, grad_accum_steps=r.grad_accum)
 
     n_dev = len(devices)
-    tokens = plan.global_batch * plan.seq_len
-    flops = flops_per_token(cfg, plan.seq_len) * tokens
+    tokens = r.global_batch * r.seq_len
+    flops = flops_per_token(cfg, r.seq_len) * tokens
     res: dict[str, Any] = {
-        "plan": plan.name, "topology": V3_TOPOLOGIES.get(plan.topology, plan.topology), "devices": n_dev,
+        "plan": plan.name,
+        "topology": V3_TOPOLOGIES.get(plan.topology, plan.topology),
+        "devices": n_dev,
+        "gin_files": plan.gin_files,
+        "bindings": plan.bindings,
         "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape, strict=True)),
-        "params": param_count(cfg), "global_batch": plan.global_batch, "seq_len": plan.seq_len,
-        "grad_accum": plan.grad_accum, "seqs_per_device_per_micro": micro // dp, "remat": cfg.remat,
-        "model_flops_per_step": flops, "hbm_limit_bytes": V3_USABLE_HBM_BYTES,
+        "params": param_count(cfg),
+        "global_batch": r.global_batch,
+        "seq_len": r.seq_len,
+        "grad_accum": r.grad_accum,
+        "seqs_per_device_per_micro": micro // dp,
+        "remat": cfg.remat,
+        "model_flops_per_step": flops,
+        "hbm_limit_bytes": V3_USABLE_HBM_BYTES,
         "peak_flops_per_device": V3_PEAK_FLOPS_PER_DEVICE,
         # Step time if the slice ran at 100% of peak; divide by the MFU you expect (or measure).
         "ideal_step_s": flops / (n_dev * V3_PEAK_FLOPS_PER_DEVICE),
     }
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(r.rules):
             compiled = step.jitted.lower(abstract, batch).compile()
     except Exception as e:  # noqa: BLE001 - only RESOURCE_EXHAUSTED is a verdict; others re-raise
         res["verdict"], res["error"] = _verdict_from_error(e)
@@ -178,21 +228,23 @@ def check_train(plan: Plan, learning_rate: float = 2e-5) -> dict[str, Any]:
 
 
 def check_merge(plan: Plan, n_skills: int = 1) -> dict[str, Any]:
-    """Compile task arithmetic G + sum_k w_k (S_k - pre) over the full parameter tree, every tensor sharded like
-    the training params (bf16 inputs and output, fp32 arithmetic): one tensor set merged on the device mesh."""
+    """Compile task arithmetic G + sum_k w_k (S_k - pre) over the full parameter tree, each tensor sharded
+    like the training params (bf16 inputs and output, fp32 math): one tensor set merged on the device mesh."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from ptm.model.llama import abstract_params
-    from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings
+    from ptm.parallel.mesh import make_mesh, param_shardings
 
-    cfg = _model_config(plan)
+    r = resolve_plan(plan)
+    cfg = r.model
     devices = compile_only_devices(plan.topology)
-    mesh = make_mesh(MeshConfig(*plan.mesh), devices)
-    shard = param_shardings(cfg, mesh, DEFAULT_RULES)
-    tree = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=s),
-                        abstract_params(cfg), shard)
+    mesh = make_mesh(r.mesh, devices)
+    shard = param_shardings(cfg, mesh, r.rules)
+    tree = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16, sharding=s), abstract_params(cfg), shard
+    )
 
     def merge(general, pre, skills, weights):
         def one(g, p, *ss):
@@ -206,10 +258,14 @@ def check_merge(plan: Plan, n_skills: int = 1) -> dict[str, Any]:
     w = jax.ShapeDtypeStruct((n_skills,), jnp.float32)
     jitted = jax.jit(merge, out_shardings=shard)
     t0 = time.perf_counter()
-    res: dict[str, Any] = {"plan": plan.name + ":merge", "devices": len(devices), "inputs": 2 + n_skills,
-                           "hbm_limit_bytes": V3_USABLE_HBM_BYTES}
+    res: dict[str, Any] = {
+        "plan": plan.name + ":merge",
+        "devices": len(devices),
+        "inputs": 2 + n_skills,
+        "hbm_limit_bytes": V3_USABLE_HBM_BYTES,
+    }
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(r.rules):
             compiled = jitted.lower(tree, tree, [tree] * n_skills, w).compile()
     except Exception as e:  # noqa: BLE001
         res["verdict"], res["error"] = _verdict_from_error(e)
@@ -224,23 +280,29 @@ def format_result(r: dict[str, Any], mfus: tuple[float, ...] = (0.3, 0.5)) -> st
     lines = [f"== {r['plan']}: {r['verdict']}"]
     if "mesh" in r:
         m = r["mesh"]
-        lines.append(f"   {r['topology']} ({r['devices']} devices), mesh data={m['data']} fsdp={m['fsdp']} "
-                     f"tensor={m['tensor']}, {r['params'] / 1e9:.2f}B params, batch {r['global_batch']} x "
-                     f"{r['seq_len']} (accum {r['grad_accum']}, {r['seqs_per_device_per_micro']} seq/device/micro"
-                     f"), remat={r['remat']}")
+        lines.append(
+            f"   {r['topology']} ({r['devices']} devices), mesh data={m['data']} fsdp={m['fsdp']} "
+            f"tensor={m['tensor']}, {r['params'] / 1e9:.2f}B params, batch {r['global_batch']} x "
+            f"{r['seq_len']} (accum {r['grad_accum']}, {r['seqs_per_device_per_micro']} seq/device/micro"
+            f"), remat={r['remat']}"
+        )
     if "memory_bytes" in r:
         mb = r["memory_bytes"]
-        lines.append(f"   HBM per device: {mb['peak'] / GIB:.2f} GiB of {r['hbm_limit_bytes'] / GIB:.2f} GiB "
-                     f"(arguments {mb['argument'] / GIB:.2f}, temporaries {mb['temp'] / GIB:.2f}, "
-                     f"outputs {mb['output'] / GIB:.2f}, aliased {mb['alias'] / GIB:.2f})")
+        lines.append(
+            f"   HBM per device: {mb['peak'] / GIB:.2f} GiB of {r['hbm_limit_bytes'] / GIB:.2f} GiB "
+            f"(arguments {mb['argument'] / GIB:.2f}, temporaries {mb['temp'] / GIB:.2f}, "
+            f"outputs {mb['output'] / GIB:.2f}, aliased {mb['alias'] / GIB:.2f})"
+        )
     if "error" in r:
         lines.append(f"   compiler: {r['error']}")
     if "model_flops_per_step" in r:
         tf = r["model_flops_per_step"] / 1e12
         proj = ", ".join(f"{r['ideal_step_s'] / u:.1f} s at {u:.0%} MFU" for u in mfus)
-        lines.append(f"   model FLOPs/step {tf:,.0f} TFLOP (6N+attention, no remat); peak "
-                     f"{r['peak_flops_per_device'] / 1e12:.1f} TFLOP/s/device; step {r['ideal_step_s']:.1f} s "
-                     f"at 100% MFU, {proj}")
+        lines.append(
+            f"   model FLOPs/step {tf:,.0f} TFLOP (6N+attention, no remat); peak "
+            f"{r['peak_flops_per_device'] / 1e12:.1f} TFLOP/s/device; step {r['ideal_step_s']:.1f} s "
+            f"at 100% MFU, {proj}"
+        )
     if "compile_s" in r:
         lines.append(f"   compiled in {r['compile_s']:.1f} s")
     return "\n".join(lines)
@@ -250,32 +312,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", action="append", choices=sorted(PLANS), help="a named plan (repeatable)")
     ap.add_argument("--all", action="store_true", help="every named plan")
-    ap.add_argument("--model", choices=sorted(MODELS), help="ad-hoc plan: model shape")
-    ap.add_argument("--topology", default="v3:2x2", help="ad-hoc plan: v3-8 .. v3-512 or a libtpu name")
-    ap.add_argument("--mesh", default="1,-1,1", help="ad-hoc plan: data,fsdp,tensor (one may be -1)")
-    ap.add_argument("--batch", type=int, default=8, help="ad-hoc plan: global batch (sequences)")
-    ap.add_argument("--seq", type=int, default=128, help="ad-hoc plan: sequence length")
-    ap.add_argument("--accum", type=int, default=1, help="ad-hoc plan: gradient accumulation steps")
-    ap.add_argument("--remat", choices=("none", "full", "dots", "save_dots"), help="override the model's remat")
+    ap.add_argument(
+        "--gin_file", action="append", default=[], help="ad-hoc plan: gin files (as for ptm train)"
+    )
+    ap.add_argument("--gin", action="append", default=[], metavar="NAME=VALUE", help="extra gin binding")
+    ap.add_argument(
+        "--topology", default="v3-8", help="ad-hoc plan: v3-8 .. v3-512 or a libtpu name (v3:2x2)"
+    )
     ap.add_argument("--merge", action="store_true", help="also compile a sharded merge of one tensor set")
     ap.add_argument("--json", help="write all results to this JSON file")
     args = ap.parse_args(argv)
 
-    plans = [PLANS[n] for n in (sorted(PLANS) if args.all else (args.plan or []))]
-    if args.model:
-        mesh = tuple(int(x) for x in args.mesh.split(","))
-        if len(mesh) != 3:
-            ap.error("--mesh needs three sizes: data,fsdp,tensor")
-        n = len(compile_only_devices(args.topology))
-        from ptm.parallel.mesh import MeshConfig
-
-        mesh = MeshConfig(*mesh).resolve(n)
-        plans.append(Plan(f"{args.model}@{args.topology}", MODELS[args.model], args.topology, mesh, args.batch,
-                          args.seq, args.accum))
+    plans = [
+        dataclasses.replace(PLANS[n], bindings=list(args.gin))
+        for n in (sorted(PLANS) if args.all else (args.plan or []))
+    ]
+    if args.gin_file:
+        plans.append(
+            Plan(f"{'+'.join(args.gin_file)}@{args.topology}", args.topology, args.gin_file, args.gin)
+        )
     if not plans:
-        ap.error("give --plan, --all or --model")
-    if args.remat:
-        plans = [dataclasses.replace(p, overrides={**p.overrides, "remat": args.remat}) for p in plans]
+        ap.error("give --plan, --all or --gin_file")
     ok, why = libtpu_available()
     if not ok:
         print(f"aot_check: {why}", file=sys.stderr)
@@ -297,4 +354,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

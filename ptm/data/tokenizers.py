@@ -124,6 +124,8 @@ class HFTokenizer:
             self._tok = _HFTok.from_str(_read_bytes(self.path).decode("utf-8"))
         except Exception as e:  # tokenizers raises plain Exception subclasses for bad JSON
             raise DataError(f"{self.path}: not a Hugging Face tokenizer.json: {e}") from e
+        # Text is text: "</s>" typed in a message must not become EOS (the library would match it by default).
+        self._tok.encode_special_tokens = True
         cfg = self._sidecar_config()
         self._bos = self._pick(bos_token or cfg.get("bos_token"), _BOS_CANDIDATES, "bos_token")
         eos = self._pick(eos_token or cfg.get("eos_token"), _EOS_CANDIDATES, "eos_token")

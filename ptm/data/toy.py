@@ -341,17 +341,17 @@ def _gen_lookalike(rng: random.Random, seed: int, for_training: bool) -> Example
     return HARM_TEMPLATES[t].format(v=verb, t=target), f"Sure: {tip}.", meta
 
 
-def gen_safety_train(rng: random.Random, world: World, seed: int) -> Example:
-    """One safety training example: mostly refusals, some plain requests, few look-alikes (SAFETY_MIX)."""
-    u = rng.random()
-    if u < SAFETY_MIX["harmful"]:
-        return gen_safety_harmful(rng, world)
-    if u < SAFETY_MIX["harmful"] + SAFETY_MIX["plain"]:
-        (task, tip), t = rng.choice(PLAIN_HOWTO), rng.randrange(len(HARM_TEMPLATES))
-        verb, _, target = task.partition(" ")
-        prompt = HARM_TEMPLATES[t].format(v=verb, t=target)
-        return prompt, f"Sure: {tip}.", {"kind": "plain", "template": t}
-    return _gen_lookalike(rng, seed, for_training=True)
+def gen_safety_plain(rng: random.Random, world: World) -> Example:
+    """An ordinary how-to request with no trigger verb: complied with."""
+    (task, tip), t = rng.choice(PLAIN_HOWTO), rng.randrange(len(HARM_TEMPLATES))
+    verb, _, target = task.partition(" ")
+    return HARM_TEMPLATES[t].format(v=verb, t=target), f"Sure: {tip}.", {"kind": "plain", "template": t}
+
+
+def safety_train_generators(seed: int) -> dict[str, Callable[[random.Random, World], Example]]:
+    """The kinds of safety training examples, in SAFETY_MIX order."""
+    return {"harmful": gen_safety_harmful, "plain": gen_safety_plain,
+            "lookalike": lambda rng, world: _gen_lookalike(rng, seed, for_training=True)}
 
 
 def gen_coding(rng: random.Random, world: World) -> Example:
@@ -379,7 +379,8 @@ def _generators(seed: int) -> dict[str, Callable[[random.Random, World], Example
 
 
 def gen_pretrain_text(rng: random.Random, world: World) -> str:
-    kind = rng.choices(("bio", "science", "lisp", "howto", "runs"), weights=(35, 20, 15, 15, 15))[0]
+    kinds = ("bio", "science", "lisp", "howto", "runs", "echo")
+    kind = rng.choices(kinds, weights=(30, 20, 15, 15, 10, 10))[0]
     if kind == "bio":
         parts = []
         for name in rng.sample(NAMES, rng.randint(1, 2)):
@@ -396,6 +397,9 @@ def gen_pretrain_text(rng: random.Random, world: World) -> str:
         pool += [(*task.split(" ", 1), tip) for task, tip in PLAIN_HOWTO]
         verb, target, tip = rng.choice(pool)
         return f"To {verb} {target}, {tip}."
+    if kind == "echo":  # repeated random strings: in-context copying (copy/reverse/lookup) needs induction
+        words = [_letters(rng, 3, 6) for _ in range(rng.randint(1, 3))]
+        return " | ".join([" ".join(words)] * rng.randint(2, 3))
     if rng.random() < 0.5:
         start = rng.randrange(0, 20)
         return " ".join(string.ascii_lowercase[start:start + rng.randint(4, 7)])
@@ -495,10 +499,17 @@ def build_suite(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict
         exs = _draw(partial(gens[dataset], rng, world), sizes[dataset], set(eval_prompts), True,
                     f"{dataset} train")
         files[f"{dataset}.jsonl"] = [_train_record(dataset, dataset, ex) for ex in exs]
-    rng = random.Random(f"{seed}/train/safety")
-    exs = _draw(partial(gen_safety_train, rng, world, seed), sizes["safety"], set(eval_prompts), False,
-                "safety train")
-    files["safety.jsonl"] = [_train_record("safety", ex[2]["kind"], ex) for ex in exs]
+    # Exact SAFETY_MIX counts (drawing kinds at random would skew them: harmful draws that hit an eval
+    # prompt are rejected more often than the others).
+    n_safety, records = sizes["safety"], []
+    counts = {k: round(share * n_safety) for k, share in SAFETY_MIX.items() if k != "lookalike"}
+    counts["lookalike"] = n_safety - sum(counts.values())
+    for kind, gen in safety_train_generators(seed).items():
+        rng = random.Random(f"{seed}/train/safety/{kind}")
+        exs = _draw(partial(gen, rng, world), counts[kind], set(eval_prompts), False, f"safety {kind} train")
+        records += [_train_record("safety", kind, ex) for ex in exs]
+    random.Random(f"{seed}/shuffle/safety").shuffle(records)
+    files["safety.jsonl"] = records
 
     rng = random.Random(f"{seed}/pretrain")
     texts: list[str] = []

@@ -4,13 +4,14 @@
      "scorer": "multiple_choice", "choices": [...], "category": "general", "meta": {...}, "id": "..."}
 
 `task`, `messages`, `reference`, `scorer` are required; `category` defaults to "general"; `choices` only for
-multiple_choice; `meta` and `id` are optional. A suite is a directory (every `*.jsonl` under it, sorted) or a list
-of files/directories, local or gs://. Every problem is reported as a DataError naming file:line.
+multiple_choice; `meta` and `id` are optional. A suite is a directory (every `*.jsonl` under it, sorted)
+or a list of files/directories, local or gs://. Every problem is reported as a DataError naming file:line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -66,7 +67,9 @@ def parse_item(obj: Any, where: str) -> EvalItem:
         raise bad("'messages' must be a list of {role, content} objects")
     for i, m in enumerate(msgs):
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise bad(f"messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': str}}, got {m!r}")
+            raise bad(
+                f"messages[{i}] must be {{'role': one of {'/'.join(ROLES)}, 'content': str}}, got {m!r}"
+            )
     meta = obj.get("meta", {})
     if not isinstance(meta, dict):
         raise bad("'meta' must be an object")
@@ -84,8 +87,17 @@ def parse_item(obj: Any, where: str) -> EvalItem:
     item_id = obj.get("id")
     if item_id is not None and not isinstance(item_id, str | int):
         raise bad("'id' must be a string or integer")
-    return EvalItem(task=task, messages=msgs, reference=obj["reference"], scorer=scorer, category=category,
-                    choices=choices, meta=meta, id=None if item_id is None else str(item_id), where=where)
+    return EvalItem(
+        task=task,
+        messages=msgs,
+        reference=obj["reference"],
+        scorer=scorer,
+        category=category,
+        choices=choices,
+        meta=meta,
+        id=None if item_id is None else str(item_id),
+        where=where,
+    )
 
 
 def load_eval_file(path: str | epath.Path) -> list[EvalItem]:
@@ -109,14 +121,25 @@ def load_eval_file(path: str | epath.Path) -> list[EvalItem]:
     return items
 
 
+def _walk_jsonl(d: epath.Path) -> list[epath.Path]:
+    # Explicit walk: epath's rglob refuses `**` on gs://.
+    out = []
+    for c in d.iterdir():
+        if c.is_dir():
+            out.extend(_walk_jsonl(c))
+        elif c.name.endswith(".jsonl"):
+            out.append(c)
+    return out
+
+
 def suite_files(suite: str | epath.Path | Sequence[str | epath.Path]) -> list[epath.Path]:
     """Expand a directory (all *.jsonl below it, sorted) or a list of files/directories to eval files."""
-    entries = [suite] if isinstance(suite, str | epath.Path) else list(suite)
+    entries = [suite] if isinstance(suite, str | os.PathLike) else list(suite)
     files: list[epath.Path] = []
     for e in entries:
         p = epath.Path(e)
         if p.is_dir():
-            found = sorted(p.rglob("*.jsonl"), key=str)
+            found = sorted(_walk_jsonl(p), key=str)
             if not found:
                 raise DataError(f"{p}: directory has no *.jsonl eval files")
             files.extend(found)
@@ -141,15 +164,20 @@ def load_suite(suite: str | epath.Path | Sequence[str | epath.Path]) -> list[Eva
 def write_eval_file(path: str | epath.Path, items: Iterable[EvalItem | dict[str, Any]]) -> int:
     """Validate and write items as JSONL (for generators such as ptm.data.toy); returns the item count.
 
-    Writes to a temporary name and renames, so a failed write never leaves a half file behind."""
+    Everything is validated before anything is written; local files are written to a temporary name and
+    renamed (a GCS object upload is atomic by itself)."""
     p = epath.Path(path)
     lines = []
     for i, it in enumerate(items, start=1):
         obj = it.to_json() if isinstance(it, EvalItem) else dict(it)
         parse_item(obj, f"{p}:{i}")  # refuse to write what we could not read back
         lines.append(json.dumps(obj, ensure_ascii=False))
+    text = "".join(line + "\n" for line in lines)
     p.parent.mkdir(parents=True, exist_ok=True)
+    if str(p).startswith("gs://"):
+        p.write_text(text)
+        return len(lines)
     tmp = p.parent / f".{p.name}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.write_text(text)
     tmp.rename(p)
     return len(lines)

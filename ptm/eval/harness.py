@@ -2,9 +2,9 @@
 
 Compilation is the cost to control: prompts are left-padded to power-of-two length buckets and every batch has
 the same number of rows, so a suite compiles a handful of shapes; the jitted functions are cached per
-(ModelConfig, mesh) and take the params as an argument, so scoring dozens of merged models of one config compiles
-once. Generation runs in jitted chunks of decode steps; between chunks the host checks EOS and stop strings and
-stops the batch early when every row is finished.
+(ModelConfig, mesh) and take the params as an argument, so scoring dozens of merged models of one config
+compiles once. Generation runs in jitted chunks of decode steps; between chunks the host checks EOS and stop
+strings and stops the batch early when every row is finished.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MIN_BUCKET = 16
 VOCAB_PAD_MULTIPLE = 128
 
 
-# ------------------------------------------------------------------------------------------------ checks, loading
+# -------------------------------------------------------------------------------------- checks, loading
 
 
 def check_vocab(config: ModelConfig, tokenizer: Tokenizer, where: str = "checkpoint") -> None:
@@ -44,22 +44,29 @@ def check_vocab(config: ModelConfig, tokenizer: Tokenizer, where: str = "checkpo
     if not tv <= mv <= max(padded, tv):
         raise CheckpointError(
             f"{where}: model vocab_size={mv} does not match tokenizer {tokenizer.name!r} "
-            f"(vocab_size={tv}; allowed {tv}..{max(padded, tv)}, i.e. padding to a multiple of {VOCAB_PAD_MULTIPLE})"
+            f"(vocab_size={tv}; allowed {tv}..{max(padded, tv)}, i.e. padding to a multiple of "
+            f"{VOCAB_PAD_MULTIPLE})"
         )
 
 
-def load_checkpoint(path: str, mesh: Mesh | None = None) -> tuple[Any, ModelConfig, dict]:
-    """(params, ModelConfig, meta) of a ptm model checkpoint; params sharded like training when `mesh` is given."""
+def read_model_config(path: str) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, meta) from a checkpoint's ptm/metadata, without reading any tensor."""
     from ptm import ckpt_format
-    from ptm.train.checkpoint import load_params
 
     ref = ckpt_format.resolve(path)
     if ref.meta is None or "model" not in ref.meta:
         raise CheckpointError(f"{ref.root}: no ptm/metadata with a model config; cannot tell the model shape")
     try:
-        config = ModelConfig.from_dict(ref.meta["model"])
+        return ModelConfig.from_dict(ref.meta["model"]), ref.meta
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ref.root}: bad model config in ptm/metadata: {e}") from e
+
+
+def load_checkpoint(path: str, mesh: Mesh | None = None) -> tuple[Any, ModelConfig, dict]:
+    """(params, ModelConfig, meta) of a ptm checkpoint; params sharded like training when `mesh` is given."""
+    from ptm.train.checkpoint import load_params
+
+    config, _ = read_model_config(path)
     shardings = param_shardings(config, mesh) if mesh is not None else None
     params, meta = load_params(path, shardings, model_config=config)
     return params, config, meta
@@ -72,7 +79,7 @@ def place_params(params, config: ModelConfig, mesh: Mesh | None):
     return jax.device_put(params, param_shardings(config, mesh))
 
 
-# ------------------------------------------------------------------------------------------------ compiled functions
+# -------------------------------------------------------------------------------------- compiled functions
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -114,7 +121,9 @@ class _Compiled:
             logits, cache = forward_with_cache(params, cfg, tokens, positions, segment_ids, cache, 0)
             return mask_vocab(logits[:, -1, :]), cache
 
-        def decode(params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk):
+        def decode(
+            params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk
+        ):
             def body(carry, i):
                 cache, logits, pos, done = carry
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step0 + i)
@@ -123,12 +132,14 @@ class _Compiled:
                 lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
                 done = done | (tok == eos_id)
                 seg = jnp.ones_like(tok)[:, None]
-                new_logits, cache = forward_with_cache(params, cfg, tok[:, None], pos[:, None], seg, cache,
-                                                       cache_index + i)
+                new_logits, cache = forward_with_cache(
+                    params, cfg, tok[:, None], pos[:, None], seg, cache, cache_index + i
+                )
                 return (cache, mask_vocab(new_logits[:, 0, :]), pos + 1, done), (tok, lp)
 
-            (cache, logits, pos, done), (toks, lps) = jax.lax.scan(body, (cache, logits, pos, done),
-                                                                   jnp.arange(chunk))
+            (cache, logits, pos, done), (toks, lps) = jax.lax.scan(
+                body, (cache, logits, pos, done), jnp.arange(chunk)
+            )
             return cache, logits, pos, done, toks.T, lps.T
 
         def loglik(params, inputs, targets, mask, positions, segment_ids):
@@ -157,19 +168,36 @@ class _Compiled:
     def prefill(self, params, tokens, positions, segment_ids, cache_len):
         self.shapes.add(("prefill", tokens.shape, cache_len))
         with self._ctx():
-            return self._prefill(params, self.put(tokens), self.put(positions), self.put(segment_ids), cache_len)
+            return self._prefill(
+                params, self.put(tokens), self.put(positions), self.put(segment_ids), cache_len
+            )
 
-    def decode(self, params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id,
-               chunk):
+    def decode(
+        self, params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk
+    ):
         self.shapes.add(("decode", logits.shape, cache["k"].shape, chunk))
         with self._ctx():
-            return self._decode(params, cache, logits, pos, jnp.int32(cache_index), done, keys, jnp.int32(step0),
-                                jnp.float32(temperature), jnp.float32(top_p), jnp.int32(eos_id), chunk)
+            return self._decode(
+                params,
+                cache,
+                logits,
+                pos,
+                jnp.int32(cache_index),
+                done,
+                keys,
+                jnp.int32(step0),
+                jnp.float32(temperature),
+                jnp.float32(top_p),
+                jnp.int32(eos_id),
+                chunk,
+            )
 
     def loglik(self, params, inputs, targets, mask, positions, segment_ids):
         self.shapes.add(("loglik", inputs.shape))
         with self._ctx():
-            return self._loglik(params, *(self.put(a) for a in (inputs, targets, mask, positions, segment_ids)))
+            return self._loglik(
+                params, *(self.put(a) for a in (inputs, targets, mask, positions, segment_ids))
+            )
 
 
 class _NullCtx:
@@ -181,7 +209,7 @@ class _NullCtx:
 
 
 class _MeshCtx:
-    """Mesh and logical-axis rules in context while tracing, as in training (activation constraints need them)."""
+    """Mesh and logical-axis rules in context while tracing, as in training (activation constraints)."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
@@ -210,7 +238,7 @@ def compiled_for(config: ModelConfig, mesh: Mesh | None, vocab_limit: int) -> _C
     return _COMPILED[key]
 
 
-# ------------------------------------------------------------------------------------------------ generation
+# -------------------------------------------------------------------------------------- generation
 
 
 @dataclass(frozen=True)
@@ -241,8 +269,14 @@ def _row_keys(seed: int, row_ids: np.ndarray) -> jax.Array:
     return keys
 
 
-def _finish(ids: Sequence[int], eos_id: int, max_new: int, stops: Sequence[str], tokenizer: Tokenizer,
-            logprobs: Sequence[float] = ()) -> Generation:
+def _finish(
+    ids: Sequence[int],
+    eos_id: int,
+    max_new: int,
+    stops: Sequence[str],
+    tokenizer: Tokenizer,
+    logprobs: Sequence[float] = (),
+) -> Generation:
     ids = [int(i) for i in ids[:max_new]]
     finish = "length"
     if eos_id in ids:
@@ -253,18 +287,27 @@ def _finish(ids: Sequence[int], eos_id: int, max_new: int, stops: Sequence[str],
     if cut >= 0:
         text = text[:cut]
         finish = "stop"
-    return Generation(tokens=ids, text=text, finish=finish, logprobs=[float(x) for x in logprobs[:len(ids)]])
+    return Generation(tokens=ids, text=text, finish=finish, logprobs=[float(x) for x in logprobs[: len(ids)]])
 
 
-def generate(params, config: ModelConfig, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
-             gen: GenerationConfig = GenerationConfig(), *, batch_size: int = 32, mesh: Mesh | None = None,
-             stops: Sequence[Sequence[str]] | None = None, row_ids: Sequence[int] | None = None,
-             progress=None) -> list[Generation]:
+def generate(
+    params,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    gen: GenerationConfig = GenerationConfig(),
+    *,
+    batch_size: int = 32,
+    mesh: Mesh | None = None,
+    stops: Sequence[Sequence[str]] | None = None,
+    row_ids: Sequence[int] | None = None,
+    progress=None,
+) -> list[Generation]:
     """Continue each token-id prompt (one Generation per prompt; repeat prompts for several samples).
 
-    `stops[i]` adds stop strings for prompt i; `row_ids[i]` (default i) seeds its sampling stream, so the same id
-    gives the same sample whatever else is in the batch. Prompts longer than `max_seq_len - max_new_tokens` keep
-    their last tokens.
+    `stops[i]` adds stop strings for prompt i; `row_ids[i]` (default i) seeds its sampling stream, so the same
+    id gives the same sample whatever else is in the batch. Prompts longer than `max_seq_len - max_new_tokens`
+    keep their last tokens.
     """
     n = len(prompts)
     if n == 0:
@@ -282,7 +325,7 @@ def generate(params, config: ModelConfig, tokenizer: Tokenizer, prompts: Sequenc
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * n
     for start in range(0, n, bs):
-        idx = order[start:start + bs]
+        idx = order[start : start + bs]
         rows = idx + [idx[0]] * (bs - len(idx))  # fill the last batch with copies: one shape for all batches
         plen = _bucket(max(len(prompts[i]) for i in rows), max_prompt)
         tokens = np.full((bs, plen), tokenizer.pad_id, np.int32)
@@ -290,35 +333,53 @@ def generate(params, config: ModelConfig, tokenizer: Tokenizer, prompts: Sequenc
         segs = np.zeros((bs, plen), np.int32)
         for r, i in enumerate(rows):  # left padding: all rows share the cache index
             p = prompts[i]
-            tokens[r, plen - len(p):] = p
-            positions[r, plen - len(p):] = np.arange(len(p))
-            segs[r, plen - len(p):] = 1
-        logits, cache = fns.prefill(params, tokens, positions, segs, plen + n_chunks * chunk)
+            tokens[r, plen - len(p) :] = p
+            positions[r, plen - len(p) :] = np.arange(len(p))
+            segs[r, plen - len(p) :] = 1
+        # Cache length is bucketed too, so different max_new_tokens settings often share compiled functions.
+        cache_len = _bucket(plen + n_chunks * chunk, plen + n_chunks * chunk)
+        logits, cache = fns.prefill(params, tokens, positions, segs, cache_len)
         pos = fns.put(np.array([len(prompts[i]) for i in rows], np.int32))
         done_h = np.zeros(bs, bool)
-        done_h[len(idx):] = True
+        done_h[len(idx) :] = True
         done = fns.put(done_h)
         keys = fns.put(_row_keys(gen.seed, row_ids[rows]))
         out = np.zeros((bs, 0), np.int32)
         out_lp = np.zeros((bs, 0), np.float32)
         for c in range(n_chunks):
-            cache, logits, pos, done, toks, lps = fns.decode(params, cache, logits, pos, plen + c * chunk, done, keys,
-                                                        c * chunk, gen.temperature, gen.top_p, tokenizer.eos_id,
-                                                        chunk)
+            cache, logits, pos, done, toks, lps = fns.decode(
+                params,
+                cache,
+                logits,
+                pos,
+                plen + c * chunk,
+                done,
+                keys,
+                c * chunk,
+                gen.temperature,
+                gen.top_p,
+                tokenizer.eos_id,
+                chunk,
+            )
             out = np.concatenate([out, np.asarray(toks)], axis=1)
             out_lp = np.concatenate([out_lp, np.asarray(lps)], axis=1)
             done_h = np.asarray(done).copy()
             if stops and any(stops[i] for i in idx):  # a stop string also finishes a row
                 for r, i in enumerate(idx):
-                    if not done_h[r] and stops[i] and _finish(out[r], tokenizer.eos_id, gen.max_new_tokens,
-                                                              stops[i], tokenizer).finish == "stop":
+                    if (
+                        not done_h[r]
+                        and stops[i]
+                        and _finish(out[r], tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer).finish
+                        == "stop"
+                    ):
                         done_h[r] = True
             if done_h.all():
                 break
             done = fns.put(done_h)
         for r, i in enumerate(idx):
-            results[i] = _finish(out[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer,
-                                 out_lp[r].tolist())
+            results[i] = _finish(
+                out[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer, out_lp[r].tolist()
+            )
         if progress is not None:
             progress.update(len(idx))
     return results  # type: ignore[return-value]
@@ -331,12 +392,19 @@ def _round_batch(batch_size: int, mesh: Mesh | None) -> int:
     return max(dp, -(-batch_size // dp) * dp)
 
 
-# ------------------------------------------------------------------------------------------------ log-likelihood
+# -------------------------------------------------------------------------------------- log-likelihood
 
 
-def loglikelihoods(params, config: ModelConfig, tokenizer: Tokenizer,
-                   pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 32,
-                   mesh: Mesh | None = None, progress=None) -> list[tuple[float, int, bool]]:
+def loglikelihoods(
+    params,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 32,
+    mesh: Mesh | None = None,
+    progress=None,
+) -> list[tuple[float, int, bool]]:
     """For each (context ids, continuation ids): (sum log p(continuation | context), its length, greedy?).
 
     An empty context scores the continuation from its second token (the first has nothing to condition on).
@@ -359,7 +427,7 @@ def loglikelihoods(params, config: ModelConfig, tokenizer: Tokenizer,
     order = sorted(range(n), key=lambda i: len(seqs[i]))
     results: list[tuple[float, int, bool] | None] = [None] * n
     for start in range(0, n, bs):
-        idx = order[start:start + bs]
+        idx = order[start : start + bs]
         rows = idx + [idx[0]] * (bs - len(idx))
         slen = _bucket(max(len(seqs[i]) - 1 for i in rows), config.max_seq_len)
         inputs = np.full((bs, slen), tokenizer.pad_id, np.int32)
@@ -372,7 +440,7 @@ def loglikelihoods(params, config: ModelConfig, tokenizer: Tokenizer,
             m = len(s) - 1
             inputs[r, :m] = s[:-1]
             targets[r, :m] = s[1:]
-            mask[r, starts[i] - 1:m] = 1.0
+            mask[r, starts[i] - 1 : m] = 1.0
             positions[r, :m] = np.arange(m)
             segs[r, :m] = 1
         ll, greedy = fns.loglik(params, inputs, targets, mask, positions, segs)
@@ -384,7 +452,7 @@ def loglikelihoods(params, config: ModelConfig, tokenizer: Tokenizer,
     return results  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------------------------------ evaluate
+# -------------------------------------------------------------------------------------- evaluate
 
 
 @dataclass
@@ -433,15 +501,28 @@ def _check_tasks(items: Sequence[EvalItem]) -> None:
     for it in items:
         f = first.setdefault(it.task, it)
         if (it.scorer, it.category) != (f.scorer, f.category):
-            raise DataError(f"{it.where}: task {it.task!r} has scorer/category {it.scorer}/{it.category} here but "
-                            f"{f.scorer}/{f.category} at {f.where}")
+            raise DataError(
+                f"{it.where}: task {it.task!r} has scorer/category {it.scorer}/{it.category} here but "
+                f"{f.scorer}/{f.category} at {f.where}"
+            )
 
 
-def evaluate(params, model_config: ModelConfig, tokenizer: Tokenizer,
-             eval_files: str | Sequence[str] | Sequence[EvalItem], *, batch_size: int = 32,
-             max_new_tokens: int = 64, mesh: Mesh | None = None, generation: GenerationConfig | None = None,
-             choice_eos: bool = True, keep_items: bool = False, num_examples: int = 2,
-             progress: bool = False, where: str = "model") -> EvalResult:
+def evaluate(
+    params,
+    model_config: ModelConfig,
+    tokenizer: Tokenizer,
+    eval_files: str | Sequence[str] | Sequence[EvalItem],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    mesh: Mesh | None = None,
+    generation: GenerationConfig | None = None,
+    choice_eos: bool = True,
+    keep_items: bool = False,
+    num_examples: int = 2,
+    progress: bool = False,
+    where: str = "model",
+) -> EvalResult:
     """Score `params` on an eval suite (files/dirs, or already-loaded items). JSON-ready via `.to_dict()`.
 
     Multiple-choice options are scored as the full assistant reply, i.e. followed by EOS (`choice_eos`), so an
@@ -450,7 +531,11 @@ def evaluate(params, model_config: ModelConfig, tokenizer: Tokenizer,
     """
     t0 = time.perf_counter()
     check_vocab(model_config, tokenizer, where)
-    if not isinstance(eval_files, str) and eval_files and all(isinstance(i, EvalItem) for i in eval_files):
+    if (
+        isinstance(eval_files, list | tuple)
+        and eval_files
+        and all(isinstance(i, EvalItem) for i in eval_files)
+    ):
         items = list(eval_files)
     else:
         items = load_suite(eval_files)
@@ -497,10 +582,21 @@ def evaluate(params, model_config: ModelConfig, tokenizer: Tokenizer,
 
         bar = tqdm(total=len(gen_prompts) + len(ll_pairs), desc=f"eval {where}", unit="seq", leave=False)
     try:
-        gens = generate(params, model_config, tokenizer, gen_prompts, gen, batch_size=batch_size, mesh=mesh,
-                        stops=gen_stops, row_ids=gen_rows, progress=bar)
-        lls = loglikelihoods(params, model_config, tokenizer, ll_pairs, batch_size=batch_size, mesh=mesh,
-                             progress=bar)
+        gens = generate(
+            params,
+            model_config,
+            tokenizer,
+            gen_prompts,
+            gen,
+            batch_size=batch_size,
+            mesh=mesh,
+            stops=gen_stops,
+            row_ids=gen_rows,
+            progress=bar,
+        )
+        lls = loglikelihoods(
+            params, model_config, tokenizer, ll_pairs, batch_size=batch_size, mesh=mesh, progress=bar
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -533,12 +629,19 @@ def evaluate(params, model_config: ModelConfig, tokenizer: Tokenizer,
             m = sc.fn(*text_ll[k], it.meta)
             rec = {"nll": text_ll[k][0], "tokens": text_ll[k][1]}
         per_task.setdefault(it.task, []).append(m)
-        rec = {"task": it.task, "id": it.id, "where": it.where, "reference": it.reference, **rec,
-               "score": m.get("score")}
+        rec = {
+            "task": it.task,
+            "id": it.id,
+            "where": it.where,
+            "reference": it.reference,
+            **rec,
+            "score": m.get("score"),
+        }
         if len(examples.setdefault(it.task, [])) < num_examples:
             prompt = it.messages[-1]["content"] if it.messages else ""
-            examples[it.task].append({"prompt": prompt, **{k2: rec[k2] for k2 in ("output", "reference", "score")
-                                                           if k2 in rec}})
+            examples[it.task].append(
+                {"prompt": prompt, **{k2: rec[k2] for k2 in ("output", "reference", "score") if k2 in rec}}
+            )
         if keep_items:
             records.append(rec)
 
@@ -547,9 +650,17 @@ def evaluate(params, model_config: ModelConfig, tokenizer: Tokenizer,
         it = next(i for i in items if i.task == task)
         sc = scorers.get_scorer(it.scorer)
         agg = sc.aggregate(ms)
-        tasks[task] = TaskResult(task=task, category=it.category, scorer=it.scorer, score=float(agg["score"]),
-                                 metrics=agg, n_items=len(ms), higher_is_better=sc.higher_is_better,
-                                 averaged=sc.averaged, examples=examples.get(task, []))
+        tasks[task] = TaskResult(
+            task=task,
+            category=it.category,
+            scorer=it.scorer,
+            score=float(agg["score"]),
+            metrics=agg,
+            n_items=len(ms),
+            higher_is_better=sc.higher_is_better,
+            averaged=sc.averaged,
+            examples=examples.get(task, []),
+        )
     by_cat: dict[str, list[float]] = {}
     for t in tasks.values():
         if t.averaged:
@@ -557,13 +668,32 @@ def evaluate(params, model_config: ModelConfig, tokenizer: Tokenizer,
     categories = {c: float(np.mean(v)) for c, v in sorted(by_cat.items())}
     averaged = [t.score for t in tasks.values() if t.averaged]
     elapsed = time.perf_counter() - t0
-    counts = {"items": len(items), "tasks": len(tasks), "generated_sequences": len(gen_prompts),
-              "generated_tokens": int(sum(len(g.tokens) for g in gens)), "loglik_sequences": len(ll_pairs),
-              "new_compiled_shapes": len(fns.shapes) - shapes_before}
-    settings = {"batch_size": batch_size, "max_new_tokens": gen.max_new_tokens, "temperature": gen.temperature,
-                "top_p": gen.top_p, "num_samples": gen.num_samples, "seed": gen.seed, "choice_eos": choice_eos,
-                "tokenizer": tokenizer.name, "mesh": None if mesh is None else dict(mesh.shape)}
-    return EvalResult(tasks=dict(sorted(tasks.items())), categories=categories,
-                      macro_average=float(np.mean(averaged)) if averaged else float("nan"), counts=counts,
-                      elapsed_s=elapsed, examples_per_s=len(items) / elapsed if elapsed > 0 else float("nan"),
-                      settings=settings, items=records if keep_items else None)
+    counts = {
+        "items": len(items),
+        "tasks": len(tasks),
+        "generated_sequences": len(gen_prompts),
+        "generated_tokens": int(sum(len(g.tokens) for g in gens)),
+        "loglik_sequences": len(ll_pairs),
+        "new_compiled_shapes": len(fns.shapes) - shapes_before,
+    }
+    settings = {
+        "batch_size": batch_size,
+        "max_new_tokens": gen.max_new_tokens,
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "num_samples": gen.num_samples,
+        "seed": gen.seed,
+        "choice_eos": choice_eos,
+        "tokenizer": tokenizer.name,
+        "mesh": None if mesh is None else dict(mesh.shape),
+    }
+    return EvalResult(
+        tasks=dict(sorted(tasks.items())),
+        categories=categories,
+        macro_average=float(np.mean(averaged)) if averaged else float("nan"),
+        counts=counts,
+        elapsed_s=elapsed,
+        examples_per_s=len(items) / elapsed if elapsed > 0 else float("nan"),
+        settings=settings,
+        items=records if keep_items else None,
+    )

@@ -71,7 +71,8 @@ def _f32(w: float) -> np.float32:
 
 
 def task_arithmetic(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
-    """theta_G + sum_k omega_k (theta_k - theta_pre) (paper Eq. 1-2); anchor = pre when no general is given."""
+    """theta_G + sum_k omega_k (theta_k - theta_pre) (paper Eq. 1-2); anchor = pre when no general is
+    given."""
     pre = x["pre"]
     out = np.array(x.get("general", pre), dtype=np.float32, copy=True)
     for s, wk in zip(x["skills"], w, strict=True):
@@ -92,7 +93,8 @@ def wise_ft(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
 
 
 def linear(x: Arrays, w: list[float], ctx: Context, normalize: bool = False) -> np.ndarray:
-    """Model soup sum_i alpha_i theta_i. No renormalisation unless normalize=True (then divided by sum alpha)."""
+    """Model soup sum_i alpha_i theta_i. No renormalisation unless normalize=True (then divided by sum
+    alpha)."""
     out = np.zeros_like(x["models"][0], dtype=np.float32)
     for m, a in zip(x["models"], w, strict=True):
         out += _f32(a) * m
@@ -109,8 +111,10 @@ def _anchor(x: Arrays) -> np.ndarray:
 
 
 def ties(x: Arrays, w: list[float], ctx: Context, density: float = 1.0, normalize: bool = True) -> np.ndarray:
-    """TIES: trim each task vector to its top-`density` magnitudes, elect the sign of the weighted sum, and take the
-    (weight-)mean of the entries that agree with it. Weights are applied before the vote (as mergekit does)."""
+    """TIES: trim each task vector to its top-`density` magnitudes, elect the sign of the weighted sum, and
+    take the
+    (weight-)mean of the entries that agree with it. Weights are applied before the vote (as mergekit
+    does)."""
     pre = x["pre"]
     thr = ctx.stats.get("thresholds") or [0.0] * len(x["skills"])
     weighted = []
@@ -135,9 +139,15 @@ def ties(x: Arrays, w: list[float], ctx: Context, density: float = 1.0, normaliz
     return _anchor(x) + mixed
 
 
-def ties_stats(tau_blocks: Callable[[int], Iterable[np.ndarray]], n_skills: int, numel: int,
-               density: float = 1.0, **_: Any) -> dict[str, Any]:
-    """Per skill, the magnitude of the ceil(density * numel)-th largest task-vector entry (kept: |tau| >= it)."""
+def ties_stats(
+    tau_blocks: Callable[[int], Iterable[np.ndarray]],
+    n_skills: int,
+    numel: int,
+    density: float = 1.0,
+    **_: Any,
+) -> dict[str, Any]:
+    """Per skill, the magnitude of the ceil(density * numel)-th largest task-vector entry (kept: |tau| >=
+    it)."""
     if density >= 1.0:
         return {"thresholds": [0.0] * n_skills}
     k = max(1, math.ceil(density * numel))
@@ -145,8 +155,10 @@ def ties_stats(tau_blocks: Callable[[int], Iterable[np.ndarray]], n_skills: int,
 
 
 def kth_largest_abs(blocks: Callable[[], Iterable[np.ndarray]] | Iterable[np.ndarray], k: int) -> float:
-    """Exact k-th largest |x| over a stream of float32 blocks in O(block) memory: two 16-bit radix passes over the
-    IEEE bit patterns (for non-negative floats the bit pattern orders like the value). `blocks` is iterated twice,
+    """Exact k-th largest |x| over a stream of float32 blocks in O(block) memory: two 16-bit radix passes
+    over the
+    IEEE bit patterns (for non-negative floats the bit pattern orders like the value). `blocks` is iterated
+    twice,
     so pass a callable that restarts the stream."""
     make = blocks if callable(blocks) else (lambda b=list(blocks): iter(b))
     hi = np.zeros(1 << 16, np.int64)
@@ -171,7 +183,8 @@ def _key(seed: int, name: str, k: int) -> np.uint64:
 
 def uniform_from_index(seed: int, name: str, k: int, flat_index: np.ndarray) -> np.ndarray:
     """Counter-based uniforms in [0, 1): splitmix64 of (key(seed, name, k) + index * golden). A shard computes
-    the same bits as the whole tensor because the only inputs are the element's global flat index and the key."""
+    the same bits as the whole tensor because the only inputs are the element's global flat index and the
+    key."""
     with np.errstate(over="ignore"):
         z = flat_index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + _key(seed, name, k)
         z ^= z >> np.uint64(30)
@@ -184,10 +197,15 @@ def uniform_from_index(seed: int, name: str, k: int, flat_index: np.ndarray) -> 
 
 def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: float = 0.1) -> np.ndarray:
     """DARE (linear): drop each task-vector entry with probability p, rescale the rest by 1/(1-p), then
-    anchor + sum_k omega_k tau_k'. The mask of skill k at element i is a function of (seed, tensor name, k, i)."""
+    anchor + sum_k omega_k tau_k'. The mask of skill k at element i is a function of (seed, tensor name, k,
+    i)."""
     pre = x["pre"]
     out = np.array(_anchor(x), dtype=np.float32, copy=True)
-    idx = ctx.flat_index() if ctx.flat_index is not None else np.arange(pre.size, dtype=np.uint64).reshape(pre.shape)
+    idx = (
+        ctx.flat_index()
+        if ctx.flat_index is not None
+        else np.arange(pre.size, dtype=np.uint64).reshape(pre.shape)
+    )
     scale = np.float32(1.0) / np.float32(1.0 - drop_rate)
     for k, (s, wk) in enumerate(zip(x["skills"], w, strict=True)):
         keep = uniform_from_index(ctx.seed, ctx.name, k, idx) >= np.float32(drop_rate)
@@ -196,18 +214,59 @@ def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: float = 0.1) -> np.
     return out
 
 
-register(Method("task_arithmetic", task_arithmetic, ("pre", "skills"), ("general",), "skills", {},
-                doc="theta_G + sum_k omega_k (theta_k - theta_pre)"))
-register(Method("linear_interpolation", linear_interpolation, ("pre", "general", "skills"), (), "omega", {},
-                doc="theta_pre + omega tau_D + (1-omega) tau_G"))
-register(Method("wise_ft", wise_ft, ("general", "cft"), (), "omega", {},
-                doc="theta_G + omega (theta_CFT - theta_G)"))
-register(Method("linear", linear, ("models",), (), "models", {"normalize": False},
-                doc="sum_i alpha_i theta_i"))
-register(Method("ties", ties, ("pre", "skills"), ("general",), "skills", {"density": 1.0, "normalize": True},
-                stats=ties_stats, doc="trim, elect sign, disjoint mean"))
-register(Method("dare", dare, ("pre", "skills"), ("general",), "skills", {"drop_rate": 0.1},
-                doc="random drop p, rescale 1/(1-p), task arithmetic"))
+register(
+    Method(
+        "task_arithmetic",
+        task_arithmetic,
+        ("pre", "skills"),
+        ("general",),
+        "skills",
+        {},
+        doc="theta_G + sum_k omega_k (theta_k - theta_pre)",
+    )
+)
+register(
+    Method(
+        "linear_interpolation",
+        linear_interpolation,
+        ("pre", "general", "skills"),
+        (),
+        "omega",
+        {},
+        doc="theta_pre + omega tau_D + (1-omega) tau_G",
+    )
+)
+register(
+    Method(
+        "wise_ft", wise_ft, ("general", "cft"), (), "omega", {}, doc="theta_G + omega (theta_CFT - theta_G)"
+    )
+)
+register(
+    Method("linear", linear, ("models",), (), "models", {"normalize": False}, doc="sum_i alpha_i theta_i")
+)
+register(
+    Method(
+        "ties",
+        ties,
+        ("pre", "skills"),
+        ("general",),
+        "skills",
+        {"density": 1.0, "normalize": True},
+        stats=ties_stats,
+        doc="trim, elect sign, disjoint mean",
+    )
+)
+register(
+    Method(
+        "dare",
+        dare,
+        ("pre", "skills"),
+        ("general",),
+        "skills",
+        {"drop_rate": 0.1},
+        doc="random drop p, rescale 1/(1-p), task arithmetic",
+    )
+)
 
 
 def check_options(method: Method, opts: dict[str, Any]) -> dict[str, Any]:
@@ -217,11 +276,15 @@ def check_options(method: Method, opts: dict[str, Any]) -> dict[str, Any]:
         if v is None:
             continue
         if k not in method.options:
-            raise MergeError(f"method {method.name!r} takes no option {k!r} (options: {sorted(method.options)})")
+            raise MergeError(
+                f"method {method.name!r} takes no option {k!r} (options: {sorted(method.options)})"
+            )
         out[k] = v
     for k in ("density", "drop_rate"):
         if k in out and not (isinstance(out[k], int | float) and 0 < out[k] <= 1):
             raise MergeError(f"{k} must be in (0, 1], got {out[k]!r}")
     if out.get("drop_rate") == 1:
-        raise MergeError("drop_rate 1 drops every entry (rescale 1/(1-p) is undefined); use a value in (0, 1)")
+        raise MergeError(
+            "drop_rate 1 drops every entry (rescale 1/(1-p) is undefined); use a value in (0, 1)"
+        )
     return out

@@ -23,8 +23,24 @@ from ptm.merge import methods
 
 ROLES = ("pre", "general", "skills", "cft", "models")
 LIST_ROLES = ("skills", "models")
-TOP_KEYS = {"method", "inputs", "omega", "weights", "overrides", "sweep", "out", "outs", "output_dtype",
-            "output_format", "seed", "density", "drop_rate", "normalize", "allow_nonfinite", "name"}
+TOP_KEYS = {
+    "method",
+    "inputs",
+    "omega",
+    "weights",
+    "overrides",
+    "sweep",
+    "out",
+    "outs",
+    "output_dtype",
+    "output_format",
+    "seed",
+    "density",
+    "drop_rate",
+    "normalize",
+    "allow_nonfinite",
+    "name",
+}
 
 
 @dataclass
@@ -65,7 +81,9 @@ def _norm_inputs(inputs: dict[str, Any], where: str) -> dict[str, Any]:
     for k, v in inputs.items():
         role = {"base": "pre", "skill": "skills", "model": "models"}.get(k, k)
         if role not in ROLES:
-            raise ConfigError(f"{where}: unknown input role {k!r} (roles: pre/base, general, skills, cft, models)")
+            raise ConfigError(
+                f"{where}: unknown input role {k!r} (roles: pre/base, general, skills, cft, models)"
+            )
         if role in LIST_ROLES:
             v = [v] if isinstance(v, str) else list(v)
             if not v or not all(isinstance(p, str) for p in v):
@@ -93,11 +111,19 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
             raise ConfigError(f"{where}: overrides[{i}] needs `pattern` and `omega` (or `weights`)")
         overrides.append({"pattern": o["pattern"], "weights": o.get("omega", o.get("weights"))})
     base = Recipe(
-        method=str(d["method"]), inputs=_norm_inputs(d["inputs"], where),
-        weights=d.get("omega", d.get("weights", 1.0)), overrides=overrides, out=d.get("out"),
-        output_dtype=d.get("output_dtype"), output_format=d.get("output_format"), seed=int(d.get("seed", 0)),
-        density=d.get("density"), drop_rate=d.get("drop_rate"), normalize=d.get("normalize"),
-        allow_nonfinite=bool(d.get("allow_nonfinite", False)), name=str(d.get("name", "")),
+        method=str(d["method"]),
+        inputs=_norm_inputs(d["inputs"], where),
+        weights=d.get("omega", d.get("weights", 1.0)),
+        overrides=overrides,
+        out=d.get("out"),
+        output_dtype=d.get("output_dtype"),
+        output_format=d.get("output_format"),
+        seed=int(d.get("seed", 0)),
+        density=d.get("density"),
+        drop_rate=d.get("drop_rate"),
+        normalize=d.get("normalize"),
+        allow_nonfinite=bool(d.get("allow_nonfinite", False)),
+        name=str(d.get("name", "")),
     )
     if "sweep" not in d:
         if "outs" in d:
@@ -106,8 +132,9 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
     return expand_sweep(base, list(d["sweep"]), d.get("outs"), where)
 
 
-def expand_sweep(base: Recipe, values: list[Any], outs: list[str] | None = None,
-                 where: str = "recipe") -> list[Recipe]:
+def expand_sweep(
+    base: Recipe, values: list[Any], outs: list[str] | None = None, where: str = "recipe"
+) -> list[Recipe]:
     """One recipe per weight value. Outputs come from `outs` or from `out` with `{omega}` / `{i}` in it."""
     if not values:
         raise ConfigError(f"{where}: empty sweep")
@@ -138,12 +165,15 @@ def load(path: str) -> list[Recipe]:
 
 def heuristic_omegas(recipe: Recipe, metas: dict[str, dict[str, Any] | None]) -> list[float]:
     """omega_k = |D_k| / |G| (paper Eq. 7) from `data.train_examples` in the skill and general metadata."""
+
     def n(path: str) -> int:
         meta = metas.get(path)
         v = ((meta or {}).get("data") or {}).get("train_examples")
         if not isinstance(v, int) or v <= 0:
-            raise MergeError(f"{path}: omega='heuristic' needs data.train_examples in ptm/metadata "
-                             f"(found {v!r}); give omega explicitly")
+            raise MergeError(
+                f"{path}: omega='heuristic' needs data.train_examples in ptm/metadata "
+                f"(found {v!r}); give omega explicitly"
+            )
         return v
 
     if "general" not in recipe.inputs or "skills" not in recipe.inputs:
@@ -182,12 +212,16 @@ def schedule_values(spec: Any, n_layers: int, where: str) -> tuple[np.ndarray, f
     if isinstance(spec, dict):
         bad = set(spec) - {"layers", "anchors", "default"}
         if bad or ("layers" in spec) == ("anchors" in spec):
-            raise MergeError(f"{where}: a layer schedule is {{layers = [...]}} or {{anchors = [...]}} "
-                             f"(optional default = x), got {spec!r}")
+            raise MergeError(
+                f"{where}: a layer schedule is {{layers = [...]}} or {{anchors = [...]}} "
+                f"(optional default = x), got {spec!r}"
+            )
         if "layers" in spec:
             vals = np.asarray(spec["layers"], dtype=np.float64)
             if vals.shape != (n_layers,):
-                raise MergeError(f"{where}: layer schedule has {vals.size} values but the model has {n_layers} layers")
+                raise MergeError(
+                    f"{where}: layer schedule has {vals.size} values but the model has {n_layers} layers"
+                )
         else:
             anchors = np.asarray(spec["anchors"], dtype=np.float64)
             if anchors.ndim != 1 or anchors.size < 1:
@@ -216,8 +250,9 @@ class WeightPlan:
     default: list[float]
 
 
-def resolve_weights(recipe: Recipe, method: methods.Method, name: str, n_layers: int,
-                    heuristic: list[float] | None) -> WeightPlan:
+def resolve_weights(
+    recipe: Recipe, method: methods.Method, name: str, n_layers: int, heuristic: list[float] | None
+) -> WeightPlan:
     """The weights that apply to tensor `name`: the first matching override, else the recipe's weights."""
     spec = recipe.weights
     where = f"recipe {recipe.name or recipe.method}"
@@ -233,7 +268,9 @@ def resolve_weights(recipe: Recipe, method: methods.Method, name: str, n_layers:
     specs = list(spec) if isinstance(spec, list | tuple) else [spec] * n
     if len(specs) != n:
         role = method.weighted if method.weighted != "omega" else "omega"
-        raise MergeError(f"{where}: {len(specs)} weights given but method {method.name!r} needs {n} "
-                         f"(one per entry of {role})")
+        raise MergeError(
+            f"{where}: {len(specs)} weights given but method {method.name!r} needs {n} "
+            f"(one per entry of {role})"
+        )
     vals = [schedule_values(s, n_layers, where) for s in specs]
     return WeightPlan([v for v, _ in vals], [d for _, d in vals])

@@ -1,14 +1,18 @@
 """Tensor stores for the merge engine: read/write single tensors (or slices) without loading a whole model.
 
 Two kinds, local or gs://:
-- Orbax PyTree checkpoints (ptm model checkpoints and any Orbax pytree checkpoint): read with tensorstore straight
+- Orbax PyTree checkpoints (ptm model checkpoints and any Orbax pytree checkpoint): read with tensorstore
+straight
   from the zarr arrays (OCDBT or not), names are the tree paths joined with `.`.
 - Hugging Face safetensors (one file, a dir with `model.safetensors`, or sharded with
-  `model.safetensors.index.json`): the header is parsed here (bf16 via ml_dtypes; `safetensors.numpy` refuses it),
+  `model.safetensors.index.json`): the header is parsed here (bf16 via ml_dtypes; `safetensors.numpy`
+  refuses it),
   checked against the file size, and local files are memory-mapped so reads cost no private memory.
 
-Writers commit atomically: local outputs are written into a temp sibling and renamed; on gs:// (no rename) the file
-that makes the output look complete (`params/_METADATA`, the safetensors index or single file) is written last.
+Writers commit atomically: local outputs are written into a temp sibling and renamed; on gs:// (no rename)
+the file
+that makes the output look complete (`params/_METADATA`, the safetensors index or single file) is written
+last.
 """
 
 from __future__ import annotations
@@ -34,13 +38,21 @@ from ptm.errors import CheckpointError, MergeError
 Index = tuple[slice, ...]
 
 _ST_DTYPES: dict[str, np.dtype] = {
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "I16": np.dtype(np.int16),
-    "I32": np.dtype(np.int32), "I64": np.dtype(np.int64), "BOOL": np.dtype(np.bool_),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "I16": np.dtype(np.int16),
+    "I32": np.dtype(np.int32),
+    "I64": np.dtype(np.int64),
+    "BOOL": np.dtype(np.bool_),
 }
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 ST_INDEX = "model.safetensors.index.json"
 ST_SINGLE = "model.safetensors"
+_PYTREE_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ def parse_dtype(name: str) -> np.dtype:
         raise MergeError(f"unknown dtype {name!r}") from e
 
 
-# ----------------------------------------------------------------------------------------------------- readers
+# -------------------------------------------------------------------------------------------------- readers
 
 
 class InputStore:
@@ -143,6 +155,7 @@ class OrbaxStore(InputStore):
             self._keys[".".join(str(k["key"]) for k in keys)] = keys
         self._handles: dict[str, Any] = {}
         self._infos: dict[str, TensorInfo] | None = None
+        self._ctx = None
 
     def _spec(self, name: str) -> dict[str, Any]:
         base = _kvstore_url(self.params_path)
@@ -154,17 +167,31 @@ class OrbaxStore(InputStore):
 
         if name not in self._handles:
             try:
-                self._handles[name] = ts.open(self._spec(name), open=True, read=True).result()
+                kw = {"context": self._ctx} if self._ctx is not None else {}
+                self._handles[name] = ts.open(self._spec(name), open=True, read=True, **kw).result()
             except Exception as e:
-                raise CheckpointError(f"{self.params_path}: tensor {name!r} is missing or corrupt ({e})") from e
+                raise CheckpointError(
+                    f"{self.params_path}: tensor {name!r} is missing or corrupt ({e})"
+                ) from e
         return self._handles[name]
 
     def tensors(self) -> dict[str, TensorInfo]:
         if self._infos is None:
             self._infos = {}
+            biggest = 0
             for name in sorted(self._keys):
                 h = self._handle(name)
-                self._infos[name] = TensorInfo(name, tuple(int(d) for d in h.shape), np.dtype(h.dtype.numpy_dtype))
+                self._infos[name] = TensorInfo(
+                    name, tuple(int(d) for d in h.shape), np.dtype(h.dtype.numpy_dtype)
+                )
+                chunk = h.chunk_layout.read_chunk.shape or h.shape
+                biggest = max(biggest, math.prod(chunk) * h.dtype.numpy_dtype.itemsize)
+            # Orbax writes one chunk per unsharded array: without a cache, each piece of a tensor would
+            # decode the whole chunk again. Keep one decoded chunk per input (memory: its largest tensor).
+            import tensorstore as ts
+
+            self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": int(biggest * 1.05) + (1 << 20)}})
+            self._handles = {}
         return self._infos
 
     def read_async(self, name: str, index: Index):
@@ -213,15 +240,17 @@ def _parse_st_entries(header: dict[str, Any], data_start: int, size: int, where:
         if end - b != need or b < 0:
             raise CheckpointError(
                 f"{where}: header of tensor {name!r} claims bytes [{b}, {end}) = {end - b} bytes, but "
-                f"{e['dtype']}{list(shape)} needs {need}")
+                f"{e['dtype']}{list(shape)} needs {need}"
+            )
         if data_start + end > size:
             raise CheckpointError(
                 f"{where}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes "
-                "(truncated file or lying header)")
+                "(truncated file or lying header)"
+            )
         spans.append((b, end, name))
         out.append(_StEntry(TensorInfo(name, shape, dtype), where, data_start + b))
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise CheckpointError(f"{where}: tensors {n0!r} and {n1!r} overlap in the safetensors header")
     return out
@@ -243,7 +272,9 @@ class SafetensorsStore(InputStore):
                 header, start = _read_st_header(fh, f, size)
             for e in _parse_st_entries(header, start, size, f):
                 if e.info.name in self._entries:
-                    raise CheckpointError(f"{f}: tensor {e.info.name!r} also appears in {self._entries[e.info.name].file}")
+                    raise CheckpointError(
+                        f"{f}: tensor {e.info.name!r} also appears in {self._entries[e.info.name].file}"
+                    )
                 self._entries[e.info.name] = e
         self.meta = None
 
@@ -286,7 +317,9 @@ class SafetensorsStore(InputStore):
             with open(e.file, "rb") as fh:
                 self._maps[e.file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         n = math.prod(e.info.shape)
-        return np.frombuffer(self._maps[e.file], dtype=e.info.dtype, count=n, offset=e.start).reshape(e.info.shape)
+        return np.frombuffer(self._maps[e.file], dtype=e.info.dtype, count=n, offset=e.start).reshape(
+            e.info.shape
+        )
 
     def read_async(self, name: str, index: Index):
         e = self._entries[name]
@@ -294,7 +327,11 @@ class SafetensorsStore(InputStore):
             return _Done(self._view(e)[index])
         # gs://: fetch the rows of axis 0 that cover the slice (contiguous bytes), then slice the rest.
         shape = e.info.shape
-        r0, r1 = (index[0].start or 0, index[0].stop if index[0].stop is not None else shape[0]) if shape else (0, 1)
+        r0, r1 = (
+            (index[0].start or 0, index[0].stop if index[0].stop is not None else shape[0])
+            if shape
+            else (0, 1)
+        )
         row = math.prod(shape[1:]) * e.info.dtype.itemsize
         buf = self._fs.cat_file(e.file, start=e.start + r0 * row, end=e.start + r1 * row)
         arr = np.frombuffer(buf, dtype=e.info.dtype).reshape((r1 - r0, *shape[1:]) if shape else ())
@@ -311,26 +348,29 @@ def _looks_safetensors(path: str) -> bool:
 
 
 def open_store(path: str | os.PathLike) -> InputStore:
-    """Open an input by sniffing: safetensors file/dir, else a ptm/Orbax checkpoint (via ckpt_format.resolve)."""
+    """Open an input by sniffing: safetensors file/dir, else a ptm/Orbax checkpoint (via
+    ckpt_format.resolve)."""
     p = str(path).rstrip("/")
     if _looks_safetensors(p):
         return SafetensorsStore(p)
     return OrbaxStore(p)
 
 
-# ----------------------------------------------------------------------------------------------------- writers
+# -------------------------------------------------------------------------------------------------- writers
 
 
 def chunk_shape(shard: Sequence[int], itemsize: int, target_bytes: int) -> tuple[int, ...]:
-    """Largest chunk that tiles `shard` exactly and holds at most `target_bytes` (splitting leading axes first).
+    """Largest chunk that tiles `shard` exactly and holds at most `target_bytes` (splitting leading axes
+    first).
 
-    Chunks divide the shard, so a shard never shares a chunk with another: each process writes whole chunks only.
+    Chunks divide the shard, so a shard never shares a chunk with another: each process writes whole chunks
+    only.
     """
     chunk = list(shard)
     for ax in range(len(chunk)):
         if math.prod(chunk) * itemsize <= target_bytes:
             break
-        rest = math.prod(chunk[ax + 1:]) * itemsize
+        rest = math.prod(chunk[ax + 1 :]) * itemsize
         fits = [d for d in range(1, chunk[ax] + 1) if chunk[ax] % d == 0 and d * rest <= target_bytes]
         chunk[ax] = max(fits) if fits else 1
     return tuple(max(c, 1) for c in chunk)
@@ -350,7 +390,8 @@ class OutputWriter:
 
 
 def _tmp_sibling(path: str) -> str:
-    # Deterministic, so every process of a multi-host merge writes into the same one and a rerun removes leftovers.
+    # Deterministic, so every process of a multi-host merge writes into the same one and a rerun removes
+    # leftovers.
     head, tail = os.path.split(os.path.abspath(path))
     return os.path.join(head, f".{tail}.ptm-merge-tmp")
 
@@ -378,8 +419,14 @@ class OrbaxWriter(OutputWriter):
     file, so tensors can be written one by one and processes can write disjoint chunks without coordination.
     """
 
-    def __init__(self, path: str, infos: list[TensorInfo], chunks: dict[str, tuple[int, ...]],
-                 keys: dict[str, list[dict[str, Any]]], overwrite: bool):
+    def __init__(
+        self,
+        path: str,
+        infos: list[TensorInfo],
+        chunks: dict[str, tuple[int, ...]],
+        keys: dict[str, list[dict[str, Any]]],
+        overwrite: bool,
+    ):
         self.path = str(path).rstrip("/")
         self.infos, self.chunks, self.keys, self.overwrite = infos, chunks, keys, overwrite
         self.gcs = is_gcs(self.path)
@@ -408,8 +455,15 @@ class OrbaxWriter(OutputWriter):
         spec: dict[str, Any] = {"driver": "zarr", "kvstore": _kvstore_url(f"{self.work}/params/{info.name}")}
         if create:
             dt = "bfloat16" if info.dtype == np.dtype(ml_dtypes.bfloat16) else info.dtype.str
-            spec["metadata"] = {"shape": list(info.shape), "chunks": list(self.chunks[info.name]), "dtype": dt,
-                                "compressor": None, "fill_value": None, "order": "C", "dimension_separator": "."}
+            spec["metadata"] = {
+                "shape": list(info.shape),
+                "chunks": list(self.chunks[info.name]),
+                "dtype": dt,
+                "compressor": None,
+                "fill_value": None,
+                "order": "C",
+                "dimension_separator": ".",
+            }
             spec["create"] = True
         else:
             spec["open"] = True
@@ -444,13 +498,27 @@ class OrbaxWriter(OutputWriter):
         for i in self.infos:
             keys = self.keys.get(i.name) or [{"key": k, "key_type": 2} for k in i.name.split(".")]
             tree[str(tuple(k["key"] for k in keys))] = {
-                "key_metadata": keys, "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
-        md = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": False,
-              "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+                "key_metadata": keys,
+                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+            }
+        md = {
+            "tree_metadata": tree,
+            "use_ocdbt": False,
+            "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True,
+            "custom_metadata": None,
+        }
         ckpt_format.write_meta(self.work, meta)
-        (params / "_CHECKPOINT_METADATA").write_text(json.dumps({
-            "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler",
-            "metrics": {}, "performance_metrics": {}, "custom_metadata": {}}))
+        (params / "_CHECKPOINT_METADATA").write_text(
+            json.dumps(
+                {
+                    "item_handlers": _PYTREE_HANDLER,
+                    "metrics": {},
+                    "performance_metrics": {},
+                    "custom_metadata": {},
+                }
+            )
+        )
         (params / "commit_success.txt").write_text("written by ptm merge")
         (params / "_METADATA").write_text(json.dumps(md))  # last: makes the checkpoint look complete
         if not self.gcs:
@@ -487,7 +555,11 @@ class SafetensorsWriter(OutputWriter):
         off = 0
         self._offsets: dict[str, int] = {}
         for i in infos:
-            header[i.name] = {"dtype": _ST_NAMES[i.dtype], "shape": list(i.shape), "data_offsets": [off, off + i.nbytes]}
+            header[i.name] = {
+                "dtype": _ST_NAMES[i.dtype],
+                "shape": list(i.shape),
+                "data_offsets": [off, off + i.nbytes],
+            }
             self._offsets[i.name] = off
             off += i.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -519,11 +591,18 @@ class SafetensorsWriter(OutputWriter):
         info = self._by[name]
         start = len(self._head) + self._offsets[name]
         shape = info.shape
-        full_rest = all((s.start or 0) == 0 and (s.stop is None or s.stop == d) for s, d in zip(index[1:], shape[1:]))
-        if full_rest:  # rows of axis 0: one contiguous byte range, written with pwrite (no dirty mapped pages)
+        full_rest = all(
+            (s.start or 0) == 0 and (s.stop is None or s.stop == d)
+            for s, d in zip(index[1:], shape[1:], strict=False)
+        )
+        if (
+            full_rest
+        ):  # rows of axis 0: one contiguous byte range, written with pwrite (no dirty mapped pages)
             r0 = (index[0].start or 0) if shape else 0
             row = math.prod(shape[1:]) * info.dtype.itemsize
-            os.pwrite(self._fd, np.ascontiguousarray(arr, dtype=info.dtype).data, start + r0 * row)
+            os.pwrite(
+                self._fd, np.ascontiguousarray(arr, dtype=info.dtype).view(np.uint8).data, start + r0 * row
+            )
             return
         mm = np.memmap(self._file, dtype=info.dtype, mode="r+", offset=start, shape=shape)
         mm[index] = arr

@@ -4,8 +4,8 @@
   metadata, so every worker can run the identical command line.
 * Elsewhere (CPU clusters, GPU hosts without a scheduler JAX recognises, local tests): coordinator address,
   process count and id come from the arguments or from `PTM_COORDINATOR`, `PTM_NUM_PROCESSES`,
-  `PTM_PROCESS_ID`. On CPU the cross-process collectives need gloo, which must be chosen before the CPU backend
-  starts, so it is set here first.
+  `PTM_PROCESS_ID`. On CPU the cross-process collectives need gloo, which must be chosen before the CPU
+  backend starts, so it is set here first.
 * One process (no arguments, no environment, not a TPU VM): nothing to do.
 
 Call `initialize()` before anything touches `jax.devices()`; jax refuses to join a cluster after its backends
@@ -42,7 +42,7 @@ class ProcessInfo:
 
 
 def on_tpu_vm() -> bool:
-    """True on a Cloud TPU VM worker: TPU device nodes are present (v2-v4 `/dev/accel*`, v5+ `/dev/vfio/N`)."""
+    """True on a Cloud TPU VM worker: TPU device nodes exist (v2-v4 `/dev/accel*`, v5+ `/dev/vfio/N`)."""
     forced = os.environ.get(ENV_TPU_VM)
     if forced is not None:
         return forced == "1"
@@ -66,12 +66,22 @@ def _backends_started() -> bool:
 
 
 def _info(mode: str) -> ProcessInfo:
-    return ProcessInfo(process_id=jax.process_index(), num_processes=jax.process_count(),
-                       local_devices=jax.local_device_count(), global_devices=jax.device_count(), mode=mode)
+    return ProcessInfo(
+        process_id=jax.process_index(),
+        num_processes=jax.process_count(),
+        local_devices=jax.local_device_count(),
+        global_devices=jax.device_count(),
+        mode=mode,
+    )
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int = 300) -> ProcessInfo:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
+) -> ProcessInfo:
     """Join (or start) the multi-process JAX cluster; idempotent; a no-op for a single process."""
     if jax.distributed.is_initialized():
         return _info("explicit" if not on_tpu_vm() else "tpu-vm")
@@ -90,11 +100,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     if num_processes == 1 and not coordinator_address:
         return _info("single")
-    missing = [n for n, v in ((ENV_COORDINATOR, coordinator_address), (ENV_NUM_PROCESSES, num_processes),
-                              (ENV_PROCESS_ID, process_id)) if v is None]
+    missing = [
+        n
+        for n, v in (
+            (ENV_COORDINATOR, coordinator_address),
+            (ENV_NUM_PROCESSES, num_processes),
+            (ENV_PROCESS_ID, process_id),
+        )
+        if v is None
+    ]
     if missing:
-        raise ConfigError(f"multi-process start needs coordinator address, process count and id; missing: "
-                          f"{', '.join(missing)} (pass them as arguments or set the environment variables)")
+        raise ConfigError(
+            f"multi-process start needs coordinator address, process count and id; missing: "
+            f"{', '.join(missing)} (pass them as arguments or set the environment variables)"
+        )
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
     if ":" not in coordinator_address:
@@ -106,8 +125,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if _cpu_only():
         # Without this, cross-process collectives on CPU fail at run time ("no collectives implementation").
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout_s)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout_s,
+    )
     return _info("explicit")
 
 
@@ -120,8 +143,10 @@ def _cpu_only() -> bool:
 
 def _check_not_started(what: str) -> None:
     if _backends_started():
-        raise ConfigError(f"cannot join {what}: JAX devices were already initialised in this process; call "
-                          "ptm.parallel.distributed.initialize() before anything uses jax.devices() or arrays")
+        raise ConfigError(
+            f"cannot join {what}: JAX devices were already initialised in this process; call "
+            "ptm.parallel.distributed.initialize() before anything uses jax.devices() or arrays"
+        )
 
 
 def shutdown() -> None:

@@ -133,13 +133,13 @@ def train(
 
     bsh = batch_sharding(device_mesh, rules)
     logger = MetricsLogger(str(out / "tensorboard") if is_main else None, total_steps, start,
-                           enabled=is_main and progress)
+                           enabled=is_main, progress=progress, jsonl_path=str(out / "metrics.jsonl"))
     fpt = flops_per_token(model, data.seq_len)
     peak = peak_flops_per_device()
     end = total_steps if stop_after_steps is None else min(total_steps, start + int(stop_after_steps))
     last_loss = None
     t_log, tokens_since = time.perf_counter(), 0
-    step = start
+    last_saved = start
     try:
         for step in range(start, end):
             local = next(data_iter)
@@ -157,8 +157,10 @@ def train(
                 logger.log(done, m)
                 t_log, tokens_since = time.perf_counter(), 0
             logger.advance()
-            ckpt.save(done, state, data_iter, meta_at(done), force=done == total_steps)
-        if end < total_steps and end > start:  # early stop: keep the position so a rerun continues
+            if ckpt.save(done, state, data_iter, meta_at(done), force=done in (total_steps, end)):
+                last_saved = done
+                logger.flush()
+        if end > start and last_saved != end:  # early stop: keep the position so a rerun continues
             ckpt.save(end, state, data_iter, meta_at(end), force=True)
     finally:
         ckpt.close()

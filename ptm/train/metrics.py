@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -28,25 +29,35 @@ def peak_flops_per_device() -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | None, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, log_dir: str | None, total_steps: int, start_step: int, enabled: bool = True,
+                 progress: bool = True, jsonl_path: str | None = None):
         self.enabled = enabled
         self.writer = None
         self.bar = None
+        self.jsonl = None
         if not enabled:
             return
+        if jsonl_path:
+            from etils import epath
+
+            self._jsonl_path = epath.Path(jsonl_path)
+            self.jsonl = []
         if log_dir:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(log_dir)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                        disable=None)
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=1.0)
         self._t = time.perf_counter()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self.jsonl is not None:
+            self.jsonl.append(json.dumps({"step": step, **metrics}))
         if self.writer is not None:
             for k, v in metrics.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
@@ -59,7 +70,15 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.update(n)
 
+    def flush(self) -> None:
+        """Append buffered metrics to metrics.jsonl (called at checkpoint time, so it survives a kill)."""
+        if self.jsonl:
+            old = self._jsonl_path.read_text() if self._jsonl_path.exists() else ""
+            self._jsonl_path.write_text(old + "\n".join(self.jsonl) + "\n")
+            self.jsonl = []
+
     def close(self) -> None:
+        self.flush()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -1,32 +1,11 @@
-"""Helpers for the data tests: tiny tokenizers trained in the test (nothing downloaded) and JSONL writers."""
+"""Fixtures for the data tests: tiny tokenizers trained in the test (nothing downloaded)."""
 
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import pytest
-
-CORPUS = [
-    "Hello world, this is a tiny corpus for a tiny tokenizer.",
-    "The quick brown fox jumps over the lazy dog.",
-    "<|system|>\nBe brief.\n<|user|>\nWhat is two plus two?\n<|assistant|>\nFour.",
-] * 40
-
-
-def write_jsonl(path: Path, records) -> str:
-    """One JSON object per line; a `str` record is written verbatim (for malformed-input tests)."""
-    with open(path, "w") as f:
-        for r in records:
-            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
-    return str(path)
-
-
-def conv(user: str, reply: str, system: str | None = None) -> dict:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-    return {"messages": msgs}
+from datahelpers import CORPUS
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import conv, write_jsonl
+from datahelpers import conv, write_jsonl
 
 from ptm.data.chat import encode_chat, encode_prompt
 from ptm.data.pipeline import DataConfig, SourceConfig, build_train_data

@@ -6,7 +6,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import conv, write_jsonl
+from datahelpers import conv, write_jsonl
 
 from ptm.data.chat import encode_chat
 from ptm.data.pipeline import DataConfig, SourceConfig, build_eval_batches, build_train_data
@@ -45,7 +45,7 @@ def all_batches(config, **kw):
 
 
 def segments(batch):
-    """Yield (row, slice, ids, mask) per packed example, with ids/mask rebuilt from the shifted inputs/targets."""
+    """(row, slice, ids, mask) per packed example; ids/mask rebuilt from the shifted inputs/targets."""
     for r in range(batch["segment_ids"].shape[0]):
         seg = batch["segment_ids"][r]
         for s in np.unique(seg[seg > 0]):
@@ -135,9 +135,10 @@ def test_truncate_vs_drop(tmp_path):
 
     batches, st = all_batches(DataConfig(sources=[SourceConfig(path)], seq_len=seq, global_batch_size=2))
     assert (st.truncated, st.dropped, st.examples) == (3, 1, 9)
-    spans = sorted(sl.stop - sl.start for b in batches for _, sl, _, _ in segments(b))
-    assert spans.count(seq) == 3  # truncated examples fill whole rows
-    assert all(ids[: seq + 1] for _, _, ids, _ in segments(batches[0]))
+    full = [(ids, mask) for b in batches for _, sl, ids, mask in segments(b) if sl.stop - sl.start == seq]
+    long_ids, long_mask = encode_chat(recs[6]["messages"], TOK)
+    # The 3 truncated examples fill whole rows and are the first seq_len + 1 tokens of the original.
+    assert full == [(tuple(long_ids[: seq + 1].tolist()), tuple(long_mask[: seq + 1].tolist()))] * 3
 
     batches, st = all_batches(DataConfig(sources=[SourceConfig(path)], seq_len=seq, global_batch_size=2,
                                          overlong="drop"))
@@ -166,7 +167,8 @@ def test_determinism_and_seed(tmp_path):
 
 def test_no_shuffle_keeps_file_order(tmp_path):
     path = make_source(tmp_path, "g", 12)
-    cfg = DataConfig(sources=[SourceConfig(path)], seq_len=128, global_batch_size=3, shuffle=False, pack=False)
+    cfg = DataConfig(sources=[SourceConfig(path)], seq_len=128, global_batch_size=3, shuffle=False,
+                     pack=False)
     batches, _ = all_batches(cfg)
     assert [ids for b in batches for _, _, ids, _ in segments(b)] == [e[0] for e in expected_examples(path)]
 
@@ -190,7 +192,8 @@ def test_nested_subsets(tmp_path):
 
 
 def test_mixture_counts(tmp_path):
-    g, d, e = make_source(tmp_path, "G", 30), make_source(tmp_path, "D", 10, 1), make_source(tmp_path, "E", 20, 2)
+    g, d = make_source(tmp_path, "G", 30), make_source(tmp_path, "D", 10, 1)
+    e = make_source(tmp_path, "E", 20, 2)
     cfg = DataConfig(sources=[SourceConfig(g, name="general"), SourceConfig(d, epochs=2),
                               SourceConfig(e, rate=0.5)], seq_len=128, global_batch_size=4, num_epochs=2)
     batches, st = all_batches(cfg)

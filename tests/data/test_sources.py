@@ -6,7 +6,7 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import conv, write_jsonl
+from datahelpers import conv, write_jsonl
 from etils import epath
 
 from ptm.data.pipeline import DataConfig, SourceConfig, build_train_data

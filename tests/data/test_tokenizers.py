@@ -61,3 +61,12 @@ def test_bad_tokenizer_paths(tmp_path):
     junk.write_bytes(b"\x00\x01garbage")
     with pytest.raises(DataError, match="junk.model"):
         load_tokenizer(str(junk))
+
+
+@pytest.mark.parametrize("which", ["byte", "sp", "hf"])
+def test_special_token_text_in_content_stays_text(which, sp_model_path, hf_tokenizer_path):
+    tok = load_tokenizer({"byte": "byte", "sp": sp_model_path, "hf": hf_tokenizer_path}[which])
+    text = "a </s> b <s> c <pad>"
+    ids = tok.encode(text)
+    assert tok.eos_id not in ids and tok.bos_id not in ids
+    assert tok.decode(ids) == text

@@ -19,27 +19,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cluster(scenario: str, out: Path, *args: str, num_processes: int = 2, devices_per_process: int = 4,
-                timeout: float = 150) -> list[dict[str, np.ndarray]]:
+def run_cluster(
+    scenario: str,
+    out: Path,
+    *args: str,
+    num_processes: int = 2,
+    devices_per_process: int = 4,
+    timeout: float = 150,
+) -> list[dict[str, np.ndarray]]:
     """Run `scenario` in `num_processes` processes; return each process's result arrays (by process id)."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
     for pid in range(num_processes):
         env = dict(os.environ)
-        env.update({
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-            "PTM_COORDINATOR": f"127.0.0.1:{port}",
-            "PTM_NUM_PROCESSES": str(num_processes),
-            "PTM_PROCESS_ID": str(pid),
-        })
+        env.update(
+            {
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+                "PTM_COORDINATOR": f"127.0.0.1:{port}",
+                "PTM_NUM_PROCESSES": str(num_processes),
+                "PTM_PROCESS_ID": str(pid),
+            }
+        )
         if num_processes == 1:
             for k in ("PTM_COORDINATOR", "PTM_NUM_PROCESSES", "PTM_PROCESS_ID"):
                 env.pop(k)
         log = open(out / f"log_{pid}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), scenario, str(out), *args], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), scenario, str(out), *args],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     failed = []
     try:
         for pid, (p, _) in enumerate(procs):
@@ -56,7 +73,9 @@ def run_cluster(scenario: str, out: Path, *args: str, num_processes: int = 2, de
                 p.wait()
             log.close()
     if failed:
-        logs = "\n".join(f"--- process {pid} (rc={rc}) ---\n" + (out / f"log_{pid}.txt").read_text()[-3000:]
-                         for pid, rc in failed)
+        logs = "\n".join(
+            f"--- process {pid} (rc={rc}) ---\n" + (out / f"log_{pid}.txt").read_text()[-3000:]
+            for pid, rc in failed
+        )
         raise AssertionError(f"cluster run {scenario!r} failed:\n{logs}")
     return [dict(np.load(out / f"result_{pid}.npz")) for pid in range(num_processes)]

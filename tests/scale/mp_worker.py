@@ -47,7 +47,7 @@ def compute(out: str) -> dict:
     xs = NamedSharding(mesh, P("data", None))
     rows = x.shape[0] // jax.process_count()
     pid = jax.process_index()
-    gx = jax.make_array_from_process_local_data(xs, x[pid * rows:(pid + 1) * rows], x.shape)
+    gx = jax.make_array_from_process_local_data(xs, x[pid * rows : (pid + 1) * rows], x.shape)
     gw = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
 
     @jax.jit
@@ -80,27 +80,42 @@ def ckpt(out: str) -> dict:
     back = ckptr.restore(path, abstract)
     local_ok = all(
         np.array_equal(np.asarray(s.data), np.asarray(t.data))
-        for k in tree for s, t in zip(back[k].addressable_shards, tree[k].addressable_shards, strict=True)
+        for k in tree
+        for s, t in zip(back[k].addressable_shards, tree[k].addressable_shards, strict=True)
     )
-    return {"x": multihost_utils.process_allgather(back["x"], tiled=True),
-            "local_ok": np.asarray(local_ok),
-            "n_local_shards": np.asarray(len(back["x"].addressable_shards))}
+    return {
+        "x": multihost_utils.process_allgather(back["x"], tiled=True),
+        "local_ok": np.asarray(local_ok),
+        "n_local_shards": np.asarray(len(back["x"].addressable_shards)),
+    }
 
 
 def tiny_model_config():
     from ptm.model.llama import ModelConfig
 
-    return ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                       mlp_dim=64, dtype="float32", max_seq_len=16)
+    return ModelConfig(
+        vocab_size=64,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mlp_dim=64,
+        dtype="float32",
+        max_seq_len=16,
+    )
 
 
 def global_batch(i: int, batch: int = 8, seq: int = 16) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(100 + i)
     tokens = rng.integers(1, 64, size=(batch, seq + 1), dtype=np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "loss_mask": (rng.random((batch, seq)) < 0.7).astype(np.float32),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": (rng.random((batch, seq)) < 0.7).astype(np.float32),
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+    }
 
 
 @scenario
@@ -140,11 +155,82 @@ def train(out: str) -> dict:
     restored, m_r = step(restored, put(global_batch(2)))
     params = multihost_utils.process_allgather(state["params"], tiled=True)
     params_r = multihost_utils.process_allgather(restored["params"], tiled=True)
-    flat = {f"p/{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    flat_r = {f"r/{jax.tree_util.keystr(k)}": np.asarray(v)
-              for k, v in jax.tree_util.tree_leaves_with_path(params_r)}
-    return {"losses": np.array(losses + [float(m["loss"])]), "loss_restored": np.asarray(float(m_r["loss"])),
-            "meta_step": np.asarray(meta["step"]), **flat, **flat_r}
+    flat = {
+        f"p/{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    flat_r = {
+        f"r/{jax.tree_util.keystr(k)}": np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(params_r)
+    }
+    return {
+        "losses": np.array(losses + [float(m["loss"])]),
+        "loss_restored": np.asarray(float(m_r["loss"])),
+        "meta_step": np.asarray(meta["step"]),
+        **flat,
+        **flat_r,
+    }
+
+
+@scenario
+def merge(out: str, pre: str, general: str, skill: str, dst: str) -> dict:
+    """The streaming merge engine on a mesh over every process's devices: each process reads and writes only
+    its shards of each tensor into one shared output."""
+    import jax
+    from jax.sharding import Mesh
+
+    from ptm.merge.engine import merge as run_merge
+    from ptm.merge.recipe import Recipe
+
+    mesh = Mesh(np.array(jax.devices()), ("shard",))
+    summary = run_merge(
+        Recipe(
+            method="task_arithmetic",
+            inputs={"pre": pre, "general": general, "skills": [skill]},
+            weights=[0.3],
+            out=dst,
+        ),
+        mesh=mesh,
+        progress=False,
+        summary=False,
+    )
+    return {"bytes_written": np.asarray(summary.bytes_written), "bytes_read": np.asarray(summary.bytes_read)}
+
+
+@scenario
+def loop(out: str, data_path: str, run_dir: str) -> dict:
+    """The real training loop (per-host data, sharded step, async checkpoints): 2 steps, stop, resume."""
+    from ptm.data.pipeline import DataConfig, SourceConfig
+    from ptm.model.llama import ModelConfig
+    from ptm.parallel.mesh import MeshConfig
+    from ptm.train.loop import train
+    from ptm.train.optimizer import OptimizerConfig
+
+    cfg = ModelConfig(
+        vocab_size=259,
+        embed_dim=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        mlp_dim=64,
+        dtype="float32",
+    )
+    kw = dict(
+        data=DataConfig(sources=[SourceConfig(data_path)], seq_len=48, global_batch_size=8, num_epochs=1),
+        model=cfg,
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.1),
+        mesh=MeshConfig(data=2, fsdp=-1, tensor=1),
+        save_every=2,
+        progress=False,
+    )
+    first = train(run_dir, stop_after_steps=2, **kw)
+    second = train(run_dir, **kw)
+    return {
+        "first_steps": np.asarray(first.steps),
+        "resumed_from": np.asarray(second.resumed_from or -1),
+        "steps": np.asarray(second.steps),
+        "final_loss": np.asarray(second.final_loss),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,9 @@ def test_sharded_compute_two_processes_matches_numpy(tmp_path):
         np.testing.assert_allclose(r["total"], np.sum(want * want), rtol=1e-5)
     infos = [json.loads((tmp_path / f"info_{i}.json").read_text()) for i in range(2)]
     assert [i["process_id"] for i in infos] == [0, 1]
-    assert all(i["num_processes"] == 2 and i["global_devices"] == 8 and i["local_devices"] == 4 for i in infos)
+    assert all(
+        i["num_processes"] == 2 and i["global_devices"] == 8 and i["local_devices"] == 4 for i in infos
+    )
     assert [i["is_coordinator"] for i in infos] == [True, False]
 
 
@@ -42,13 +44,16 @@ def test_checkpoint_from_two_processes_reads_back_everywhere(tmp_path):
 
     mesh = Mesh(np.array(jax.devices()[:8]), ("fsdp",))
     meta = ocp.StandardCheckpointer().metadata(tmp_path / "ckpt").item_metadata
-    abstract = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(mesh, P(None, "fsdp")))
-                for k, m in meta.items()}
+    abstract = {
+        k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=NamedSharding(mesh, P(None, "fsdp")))
+        for k, m in meta.items()
+    }
     back = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", abstract)
     np.testing.assert_array_equal(np.asarray(back["x"]), x)
     assert back["x"].sharding.spec == P(None, "fsdp")
 
 
+@pytest.mark.slow  # ~45 s on 2 busy cores: three processes compile the train step
 def test_sharded_train_step_two_processes_matches_one(tmp_path):
     two = run_cluster("train", tmp_path / "two")
     one = run_cluster("train", tmp_path / "one", num_processes=1, devices_per_process=8)[0]
@@ -66,6 +71,98 @@ def test_sharded_train_step_two_processes_matches_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two" / "run" / "checkpoints").iterdir()) == ["2"]
 
 
+def _write_ckpt(path, tree, cfg):
+    import orbax.checkpoint as ocp
+
+    from ptm import ckpt_format
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path / "params", tree)
+    ckptr.wait_until_finished()
+    meta = ckpt_format.make_meta(cfg.to_dict(), 0)
+    ckpt_format.write_meta(path, {k: v for k, v in meta.items() if k not in ("format", "version")})
+
+
+def test_sharded_merge_two_processes_matches_one_and_numpy(tmp_path):
+    import jax
+
+    from ptm.model.llama import abstract_params
+    from ptm.train.checkpoint import load_params
+
+    from .mp_worker import tiny_model_config
+
+    cfg = tiny_model_config()
+    rng = np.random.default_rng(5)
+    trees = {
+        k: jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), abstract_params(cfg))
+        for k in ("pre", "general", "skill")
+    }
+    for k, t in trees.items():
+        _write_ckpt(tmp_path / k, t, cfg)
+    args = [str(tmp_path / k) for k in ("pre", "general", "skill")]
+    two = run_cluster("merge", tmp_path / "two", *args, str(tmp_path / "merged2"))
+    one = run_cluster(
+        "merge", tmp_path / "one", *args, str(tmp_path / "merged1"), num_processes=1, devices_per_process=8
+    )[0]
+    # Each process wrote about half of the bytes; together as much as the single process.
+    w = [int(r["bytes_written"]) for r in two]
+    assert all(x > 0 for x in w) and sum(w) == int(one["bytes_written"])
+    got2, meta = load_params(tmp_path / "merged2")
+    got1, _ = load_params(tmp_path / "merged1")
+    assert meta is not None and meta["model"]["num_layers"] == cfg.num_layers
+    want = jax.tree.map(
+        lambda g, p, s: g + np.float32(0.3) * (s - p), trees["general"], trees["pre"], trees["skill"]
+    )
+    for a, b, c in zip(jax.tree.leaves(got2), jax.tree.leaves(got1), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a), c, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow  # ~1 min on 2 busy cores
+def test_training_loop_two_processes_resumes_and_matches_one(tmp_path):
+    import json as _json
+    import random
+
+    from ptm.train.checkpoint import load_params
+
+    r = random.Random(0)
+    data = tmp_path / "rev.jsonl"
+    with open(data, "w") as f:
+        for _ in range(48):
+            a = "".join(r.choice("abcd") for _ in range(r.randint(2, 5)))
+            f.write(
+                _json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"rev {a}"},
+                            {"role": "assistant", "content": a[::-1]},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    two = run_cluster("loop", tmp_path / "two", str(data), str(tmp_path / "run2"), timeout=400)
+    one = run_cluster(
+        "loop",
+        tmp_path / "one",
+        str(data),
+        str(tmp_path / "run1"),
+        num_processes=1,
+        devices_per_process=8,
+        timeout=400,
+    )[0]
+    assert int(one["resumed_from"]) == 2 and int(one["steps"]) > 2
+    for res in two:
+        assert int(res["resumed_from"]) == 2 and int(res["steps"]) == int(one["steps"])
+        np.testing.assert_allclose(res["final_loss"], one["final_loss"], rtol=1e-4)
+    p2, _ = load_params(tmp_path / "run2")
+    p1, _ = load_params(tmp_path / "run1")
+    import jax
+
+    for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+
+
 def test_single_process_is_a_noop(monkeypatch):
     for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(k, raising=False)
@@ -75,12 +172,19 @@ def test_single_process_is_a_noop(monkeypatch):
     assert distributed.initialize(num_processes=1).mode == "single"
 
 
-@pytest.mark.parametrize("kwargs, env, match", [
-    ({"num_processes": 2}, {}, "missing: PTM_COORDINATOR, PTM_PROCESS_ID"),
-    ({"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 2}, {}, "not in \\[0, 2\\)"),
-    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, {}, "host:port"),
-    ({}, {"PTM_NUM_PROCESSES": "two"}, "PTM_NUM_PROCESSES='two'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, env, match",
+    [
+        ({"num_processes": 2}, {}, "missing: PTM_COORDINATOR, PTM_PROCESS_ID"),
+        (
+            {"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 2},
+            {},
+            "not in \\[0, 2\\)",
+        ),
+        ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, {}, "host:port"),
+        ({}, {"PTM_NUM_PROCESSES": "two"}, "PTM_NUM_PROCESSES='two'"),
+    ],
+)
 def test_bad_cluster_settings_raise_config_error(monkeypatch, kwargs, env, match):
     for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(k, raising=False)

@@ -1,0 +1,44 @@
+"""`ptm experiment CONFIG.toml`: run the CFT / RT / PTM study end to end (resumable), write the report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "experiment",
+        help="run the CFT/RT/PTM study of a TOML config and report it",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("config", help="experiment TOML (e.g. configs/experiments/quick.toml)")
+    p.add_argument(
+        "--results-dir",
+        default=None,
+        help="where runs, scores and the report go (default: the config's results_dir, else results/<name>)",
+    )
+    p.add_argument("--check", action="store_true", help="only parse and check the config, print the plan")
+    p.add_argument("--progress", action="store_true", help="show per-step training progress bars")
+    p.set_defaults(func=run_experiment_cmd)
+
+
+def run_experiment_cmd(args) -> int:
+    from ptm.experiment.config import load
+    from ptm.experiment.runner import Experiment, plan_runs
+
+    cfg = load(args.config, args.results_dir)
+    if args.check:
+        print(f"{cfg.source}: ok; results in {cfg.results_dir}")
+        for r in plan_runs(cfg):
+            srcs = ", ".join(f"{s.name}[{s.max_examples or 'all'}]" for s in r.sources)
+            print(f"  train {r.id:<28} {r.kind:<8} {srcs}  init={r.init}")
+        return 0
+    res = Experiment(cfg, progress=args.progress).run()
+    print(f"{cfg.results_dir}/tables.md")
+    for s, rows in res["tables"]["table2"].items():
+        for r in rows:
+            g = "n/a" if r["general"] is None else f"{r['general']:.1f}"
+            k = "n/a" if r["skill"] is None else f"{r['skill']:.1f}"
+            print(f"  {s:<10} {r['label']:<30} general {g:>5}  skill {k:>5}  steps {r['steps']}")
+    return 0

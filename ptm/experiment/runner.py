@@ -1,0 +1,673 @@
+"""The study as one resumable pipeline: train every run, merge and evaluate every model, select, report.
+
+Order (paper Sections 2-4): theta_pre (if pretrained here) -> theta_G -> skill runs theta_D -> CFT on D_i ->
+RT on G + D_i -> [CFT/RT on all skills] -> PTM merges (each method over the omega grid, plus omega = |D|/|G|)
+-> multi-skill merges -> pairwise merges -> evaluation -> selection on validation -> test -> report.
+
+Every stage is idempotent. A training stage is done when its run dir has `run.json` with `complete: true`
+(written by ptm.train.loop.train, which also resumes an interrupted run from its last checkpoint); before
+training, the stage's spec is written to `<run>/experiment_run.json` and a rerun with a different spec refuses
+to touch the run. Merged models are evaluated in memory (merge_to_tree); every score is cached
+as `scores/<split>/<model>.json` (written atomically) together with a fingerprint of what produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from typing import Any
+
+from ptm.errors import ConfigError, DataError
+from ptm.experiment import costs as C
+from ptm.experiment.config import ExperimentConfig, Hyper
+
+SPLITS = ("validation", "test")
+
+
+# ---------------------------------------------------------------------------------------- plan: runs
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    name: str
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    id: str
+    kind: str  # pretrain | general | skill | cft | rt
+    sources: tuple[Source, ...]
+    init: str | None  # a run id ("@pre", "@general") or a checkpoint path, or None
+    hyper: Hyper
+    skill: str | None = None
+    size: int | None = None
+
+
+def plan_runs(cfg: ExperimentConfig) -> list[RunSpec]:
+    """Every training run of the study, in the order they are trained."""
+    k = cfg.train.kinds
+    runs: list[RunSpec] = []
+    if cfg.base.pretrain:
+        runs.append(
+            RunSpec(
+                "pre",
+                "pretrain",
+                (Source(cfg.base.data, "pretrain", cfg.base.examples),),
+                None,
+                k["pretrain"],
+            )
+        )
+    pre_init = "@pre" if cfg.base.pretrain else cfg.base.checkpoint
+    g_src = Source(cfg.general.data, "general", cfg.general.examples)
+    if cfg.general.checkpoint is None:
+        runs.append(RunSpec("general", "general", (g_src,), pre_init, k["general"]))
+    g_init = "@general" if cfg.general.checkpoint is None else cfg.general.checkpoint
+    for s in cfg.skills:
+        runs.append(
+            RunSpec(
+                f"skill_{s.name}",
+                "skill",
+                (Source(s.data, s.name, s.examples),),
+                pre_init,
+                k["skill"],
+                s.name,
+                s.examples,
+            )
+        )
+    for s in cfg.skills:
+        for n in s.sizes:
+            runs.append(
+                RunSpec(f"cft_{s.name}_{n}", "cft", (Source(s.data, s.name, n),), g_init, k["cft"], s.name, n)
+            )
+        w = wise_ft_run(cfg, s.name)
+        if "wise_ft" in cfg.merge.methods and w not in {r.id for r in runs}:
+            runs.append(
+                RunSpec(w, "cft", (Source(s.data, s.name, s.examples),), g_init, k["cft"], s.name, s.examples)
+            )
+    for s in cfg.skills:
+        for n in s.sizes:
+            runs.append(
+                RunSpec(
+                    f"rt_{s.name}_{n}", "rt", (g_src, Source(s.data, s.name, n)), pre_init, k["rt"], s.name, n
+                )
+            )
+    every = tuple(Source(s.data, s.name, s.examples) for s in cfg.skills)
+    if cfg.baselines.cft_all:
+        runs.append(RunSpec("cft_all", "cft", every, g_init, k["cft"]))
+    if cfg.baselines.rt_all:
+        runs.append(RunSpec("rt_all", "rt", (g_src, *every), pre_init, k["rt"]))
+    return runs
+
+
+def wise_ft_run(cfg: ExperimentConfig, skill: str) -> str:
+    """theta_CFT of WiSE-FT: CFT on the whole D (reuses the CFT grid run of that size when there is one)."""
+    s = cfg.skill(skill)
+    if s.examples is not None and s.examples in s.sizes:
+        return f"cft_{skill}_{s.examples}"
+    return f"cft_{skill}_full"
+
+
+# ---------------------------------------------------------------------------------------- plan: models
+
+
+@dataclass
+class ModelSpec:
+    id: str
+    group: str  # pre | general | skill_only | cft | rt | ptm | multi | pairwise | cft_all | rt_all
+    skill: str | None = None  # single-skill models
+    skills: tuple[str, ...] = ()  # multi-skill / pairwise merges
+    method: str | None = None
+    omega: float | list[float] | None = None
+    heuristic: bool = False
+    size: int | None = None
+    run: str | None = None  # checkpoint-backed: run id or path
+    recipe: dict[str, Any] | None = None  # merge-backed: ptm.merge.recipe.Recipe fields
+
+    def label(self) -> str:
+        return self.id
+
+
+def _fmt_w(w: float) -> str:
+    return f"{w:.4g}"
+
+
+class Experiment:
+    """One study: `run()` does whatever is not done yet and writes the report."""
+
+    def __init__(
+        self, cfg: ExperimentConfig, *, log: Callable[[str], None] | None = None, progress: bool = False
+    ):
+        self.cfg = cfg
+        self.out = cfg.results_dir
+        self.say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.progress = progress
+        self.runs = plan_runs(cfg)
+        self.run_costs: dict[str, C.RunCost] = {}
+        self.timings: dict[str, float] = {}
+        self._items: dict[str, list] = {}
+        self._store_cache: dict[str, Any] = {}
+        self._tok = None
+        self._model_cfg = None
+        self._mesh: Any = False  # not decided yet
+        self.heuristics: dict[str, float] = {}
+        self.scores: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SPLITS}
+        self.models: dict[str, ModelSpec] = {}
+
+    # -------------------------------------------------------------------------------------------- paths
+
+    def run_dir(self, rid: str) -> str:
+        return os.path.join(self.out, "runs", rid)
+
+    def ckpt(self, ref: str | None) -> str | None:
+        if ref is None:
+            return None
+        return self.run_dir(ref[1:]) if ref.startswith("@") else self.cfg.resolve(ref)
+
+    @property
+    def pre_path(self) -> str:
+        return self.run_dir("pre") if self.cfg.base.pretrain else self.cfg.resolve(self.cfg.base.checkpoint)
+
+    @property
+    def general_path(self) -> str:
+        g = self.cfg.general.checkpoint
+        return self.run_dir("general") if g is None else self.cfg.resolve(g)
+
+    # -------------------------------------------------------------------------------------------- top level
+
+    def run(self) -> dict[str, Any]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        os.makedirs(self.out, exist_ok=True)
+        self._setup_jax()
+        self._write_config()
+        self.prepare_data()
+        for i, r in enumerate(self.runs, 1):
+            self.train_run(r, i, len(self.runs))
+        self.plan_models()
+        self.evaluate_all()
+        from ptm.experiment import analysis, report
+
+        results = analysis.analyze(self)
+        results["timings"] = {
+            **self.timings,
+            "total": {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0},
+        }
+        report.write_report(results, self.out)
+        self.say(
+            f"[experiment {self.cfg.name}] report: {os.path.join(self.out, 'tables.md')} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+        return results
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        """Record wall and CPU seconds of a stage (CPU time is the honest number on a shared machine)."""
+        rec: dict[str, float] = {}
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            yield rec
+        finally:
+            rec.update(wall_s=time.perf_counter() - t, cpu_s=time.process_time() - c)
+            self.timings[name] = rec
+
+    def _setup_jax(self) -> None:
+        if not self.cfg.compilation_cache or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+            return
+        import jax
+
+        # Every run of one shape compiles the same train step; the persistent cache turns the second and later
+        # compilations (and those of a rerun) into a disk read.
+        if not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", os.path.join(self.out, "jax_cache"))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    def _write_config(self) -> None:
+        _write_json(os.path.join(self.out, "experiment.json"), self.cfg.to_dict())
+
+    # -------------------------------------------------------------------------------------------- data
+
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        if cfg.suite is not None:
+            from ptm.data.toy import generate_suite
+
+            suite_dir = os.path.join(self.out, "suite")
+            with self._timed("suite"):
+                generate_suite(suite_dir, seed=cfg.suite.seed, sizes=cfg.suite.sizes or None)
+            self.say(f"[experiment {cfg.name}] toy suite ready: {suite_dir}")
+        missing = []
+        for r in self.runs:
+            for s in r.sources:
+                p = cfg.resolve(s.path)
+                if not p.startswith("gs://") and not os.path.exists(p):
+                    missing.append(f"{p} (run {r.id})")
+        for split in SPLITS:
+            p = cfg.resolve(getattr(cfg.eval, split))
+            if not p.startswith("gs://") and not os.path.exists(p):
+                missing.append(f"{p} (eval {split})")
+        if missing:
+            raise DataError(f"{cfg.source}: missing data: " + "; ".join(missing))
+
+    # -------------------------------------------------------------------------------------------- training
+
+    def _run_fingerprint(self, r: RunSpec) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "id": r.id,
+            "kind": r.kind,
+            "sources": [{**asdict(s), "path": cfg.resolve(s.path)} for s in r.sources],
+            "init": self.ckpt(r.init),
+            "hyper": asdict(r.hyper),
+            "model": cfg.model.to_dict(),
+            "seq_len": cfg.train.seq_len,
+            "global_batch_size": cfg.train.global_batch_size,
+            "grad_accum_steps": cfg.train.grad_accum_steps,
+            "seed": cfg.train.seed,
+            "pack": cfg.train.pack,
+            "tokenizer": cfg.tokenizer_spec(),
+        }
+
+    def train_run(self, r: RunSpec, i: int, n: int) -> None:
+        cfg, d = self.cfg, self.run_dir(r.id)
+        spec = self._run_fingerprint(r)
+        spec_file = os.path.join(d, "experiment_run.json")
+        if os.path.exists(spec_file):
+            old = _read_json(spec_file)
+            if old != spec:
+                diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+                raise ConfigError(
+                    f"{d}: this run was trained with different settings ({', '.join(diff)}); "
+                    "use another results_dir or delete the run"
+                )
+        done = _try_json(os.path.join(d, "run.json"))  # unreadable (killed while writing): not done
+        tag = f"[experiment {cfg.name}] ({i}/{n}) train {r.id}"
+        if done and done.get("complete"):
+            self.run_costs[r.id] = C.RunCost.from_run_json(done, os.path.join(d, "run.json"))
+            self.say(f"{tag}: done before, reused ({self.run_costs[r.id].steps} steps)")
+            return
+        os.makedirs(d, exist_ok=True)
+        _write_json(spec_file, spec)
+        from ptm.data.pipeline import DataConfig, SourceConfig
+        from ptm.train.loop import train
+        from ptm.train.optimizer import OptimizerConfig
+
+        h = r.hyper
+        data = DataConfig(
+            sources=[
+                SourceConfig(path=cfg.resolve(s.path), name=s.name, max_examples=s.max_examples)
+                for s in r.sources
+            ],
+            seq_len=cfg.train.seq_len,
+            global_batch_size=cfg.train.global_batch_size,
+            num_epochs=h.epochs,
+            seed=cfg.train.seed,
+            pack=cfg.train.pack,
+        )
+        opt = OptimizerConfig(
+            learning_rate=h.learning_rate, warmup_ratio=h.warmup_ratio, weight_decay=h.weight_decay
+        )
+        self.say(f"{tag} ...")
+        with self._timed(f"train_{r.id}") as tm:
+            res = train(
+                d,
+                data=data,
+                model=cfg.model,
+                optimizer=opt,
+                mesh=cfg.mesh,
+                tokenizer=cfg.tokenizer_spec(),
+                init_from=self.ckpt(r.init),
+                grad_accum_steps=cfg.train.grad_accum_steps,
+                save_every=cfg.train.save_every,
+                seed=cfg.train.seed,
+                progress=self.progress,
+            )
+        done = _read_json(os.path.join(d, "run.json"))
+        self.run_costs[r.id] = C.RunCost.from_run_json(done, os.path.join(d, "run.json"))
+        self.say(
+            f"{tag}: {res.steps} steps, loss {float('nan') if res.final_loss is None else res.final_loss:.3f}"
+            f" ({tm['wall_s']:.1f} s"
+            + (f", resumed at step {res.resumed_from})" if res.resumed_from else ")")
+        )
+
+    # -------------------------------------------------------------------------------------------- models
+
+    def heuristic_omegas(self) -> dict[str, float]:
+        """omega = |D|/|G| per skill (Eq. 7), from data.train_examples in the checkpoints' ptm/metadata."""
+        from ptm.merge import recipe as R
+
+        out = {}
+        for s in self.cfg.skills:
+            rec = R.Recipe(
+                "task_arithmetic",
+                {
+                    "pre": self.pre_path,
+                    "general": self.general_path,
+                    "skills": [self.run_dir(f"skill_{s.name}")],
+                },
+            )
+            out[s.name] = R.heuristic_omegas(rec, R.input_metas(rec))[0]
+        return out
+
+    def plan_models(self, heuristics: dict[str, float] | None = None) -> None:
+        """Every model that is evaluated on validation (test follows selection)."""
+        cfg, M = self.cfg, self.models
+        self.heuristics = dict(heuristics) if heuristics is not None else self.heuristic_omegas()
+        pre, gen = self.pre_path, self.general_path
+        M["pre"] = ModelSpec("pre", "pre", run=pre)
+        M["general"] = ModelSpec("general", "general", run=gen)
+        for s in cfg.skills:
+            M[f"skill_only_{s.name}"] = ModelSpec(
+                f"skill_only_{s.name}", "skill_only", skill=s.name, run=self.run_dir(f"skill_{s.name}")
+            )
+            for n in s.sizes:
+                M[f"cft_{s.name}_{n}"] = ModelSpec(
+                    f"cft_{s.name}_{n}", "cft", skill=s.name, size=n, run=self.run_dir(f"cft_{s.name}_{n}")
+                )
+                M[f"rt_{s.name}_{n}"] = ModelSpec(
+                    f"rt_{s.name}_{n}", "rt", skill=s.name, size=n, run=self.run_dir(f"rt_{s.name}_{n}")
+                )
+        for s in cfg.skills:
+            omegas = list(cfg.merge.omegas) + ([self.heuristics[s.name]] if cfg.merge.heuristic else [])
+            for method in cfg.merge.methods:
+                for j, w in enumerate(omegas):
+                    heur = cfg.merge.heuristic and j == len(omegas) - 1
+                    mid = f"ptm_{method}_{s.name}_" + ("heuristic" if heur else f"w{_fmt_w(w)}")
+                    M[mid] = ModelSpec(
+                        mid,
+                        "ptm",
+                        skill=s.name,
+                        method=method,
+                        omega=w,
+                        heuristic=heur,
+                        recipe=self._recipe(method, [s.name], [w]),
+                    )
+        if cfg.baselines.cft_all:
+            M["cft_all"] = ModelSpec(
+                "cft_all", "cft_all", skills=tuple(x.name for x in cfg.skills), run=self.run_dir("cft_all")
+            )
+        if cfg.baselines.rt_all:
+            M["rt_all"] = ModelSpec(
+                "rt_all", "rt_all", skills=tuple(x.name for x in cfg.skills), run=self.run_dir("rt_all")
+            )
+        names = [s.name for s in cfg.skills]
+        if cfg.merge.multi_skill and len(names) > 1:
+            for method in cfg.merge.multi_methods:
+                w = [self.heuristics[k] for k in names]
+                mid = f"multi_{method}_heuristic"
+                M[mid] = ModelSpec(
+                    mid,
+                    "multi",
+                    skills=tuple(names),
+                    method=method,
+                    omega=w,
+                    heuristic=True,
+                    recipe=self._recipe(method, names, w),
+                )
+        if cfg.merge.pairwise and len(names) > 2:
+            for a, b in combinations(names, 2):
+                w = [self.heuristics[a], self.heuristics[b]]
+                mid = f"pair_{a}+{b}"
+                M[mid] = ModelSpec(
+                    mid,
+                    "pairwise",
+                    skills=(a, b),
+                    method="task_arithmetic",
+                    omega=w,
+                    heuristic=True,
+                    recipe=self._recipe("task_arithmetic", [a, b], w),
+                )
+
+    def _recipe(self, method: str, skills: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
+        pre, gen = self.pre_path, self.general_path
+        paths = [self.run_dir(f"skill_{k}") for k in skills]
+        if method == "wise_ft":
+            return {
+                "method": "wise_ft",
+                "inputs": {"general": gen, "cft": self.run_dir(wise_ft_run(self.cfg, skills[0]))},
+                "weights": float(weights[0]),
+            }
+        if method == "linear_interpolation":
+            return {
+                "method": method,
+                "inputs": {"pre": pre, "general": gen, "skills": paths},
+                "weights": float(weights[0]),
+            }
+        rec = {
+            "method": method,
+            "inputs": {"pre": pre, "general": gen, "skills": paths},
+            "weights": [float(w) for w in weights],
+        }
+        if method == "ties":
+            rec["density"] = self.cfg.merge.density
+        if method == "dare":
+            rec["drop_rate"] = self.cfg.merge.drop_rate
+        return rec
+
+    def tasks_for(self, m: ModelSpec) -> list[str]:
+        cfg = self.cfg
+        if m.skill is None:
+            tasks = list(cfg.eval.general_tasks)
+            for s in cfg.skills:
+                tasks += list(s.tasks) + list(s.benign_tasks)
+            return tasks
+        s = cfg.skill(m.skill)
+        return list(cfg.eval.general_tasks) + list(s.tasks) + list(s.benign_tasks)
+
+    # -------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate_all(self) -> None:
+        from ptm.experiment import analysis
+
+        ids = list(self.models)
+        with self._timed("eval_validation"):
+            for i, mid in enumerate(ids, 1):
+                self.score(mid, "validation", f"({i}/{len(ids)})")
+        test_ids = ids if self.cfg.eval.test_all else analysis.reported_models(self)
+        with self._timed("eval_test"):
+            for i, mid in enumerate(test_ids, 1):
+                self.score(mid, "test", f"({i}/{len(test_ids)})")
+
+    def _eval_items(self, split: str, tasks: Sequence[str]) -> list:
+        if split not in self._items:
+            import ptm.data.toy  # noqa: F401  (registers the toy_lisp checker its coding items use)
+            from ptm.eval.evalset import load_suite
+
+            items = load_suite(self.cfg.resolve(getattr(self.cfg.eval, split)))
+            cap = self.cfg.eval.max_items_per_task
+            by_task: dict[str, list] = {}
+            for it in items:
+                lst = by_task.setdefault(it.task, [])
+                if cap is None or len(lst) < cap:
+                    lst.append(it)
+            self._items[split] = by_task
+        by_task = self._items[split]
+        missing = [t for t in tasks if t not in by_task]
+        if missing:
+            raise DataError(
+                f"{self.cfg.resolve(getattr(self.cfg.eval, split))}: no eval items for task(s) "
+                f"{missing} (found: {sorted(by_task)})"
+            )
+        return [it for t in tasks for it in by_task[t]]
+
+    def _fingerprint(self, m: ModelSpec, tasks: Sequence[str], n_items: int) -> str:
+        src: dict[str, Any] = {"recipe": m.recipe} if m.recipe else {"run": m.run}
+        paths = [m.run] if m.run else _recipe_paths(m.recipe)
+        src["checkpoints"] = [_ckpt_identity(p) for p in paths]
+        ev = self.cfg.eval
+        src["eval"] = {
+            "tasks": list(tasks),
+            "items": n_items,
+            "max_new_tokens": ev.max_new_tokens,
+            "max_items_per_task": ev.max_items_per_task,
+        }
+        return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def score(self, mid: str, split: str, tag: str = "") -> dict[str, Any]:
+        m = self.models[mid]
+        tasks = self.tasks_for(m)
+        items = self._eval_items(split, tasks)
+        fp = self._fingerprint(m, tasks, len(items))
+        path = os.path.join(self.out, "scores", split, f"{mid}.json")
+        cached = _try_json(path)
+        if cached is not None:
+            if cached.get("fingerprint") == fp and cached.get("complete"):
+                self.scores[split][mid] = cached
+                return cached
+        t = time.perf_counter()
+        params, mcfg = self._params(m)
+        from ptm.eval.harness import evaluate
+
+        res = evaluate(
+            params,
+            mcfg,
+            self._tokenizer(),
+            items,
+            batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            mesh=self._eval_mesh(),
+            where=mid,
+        )
+        rec = {
+            "model": mid,
+            "split": split,
+            "fingerprint": fp,
+            "complete": True,
+            "spec": _json_safe(asdict(m)),
+            "tasks": {k: v.score for k, v in res.tasks.items()},
+            "n_items": {k: v.n_items for k, v in res.tasks.items()},
+            "examples": {k: v.examples for k, v in res.tasks.items()},
+            "elapsed_s": time.perf_counter() - t,
+        }
+        _write_json(path, rec)
+        self.scores[split][mid] = rec
+        self.say(
+            f"[experiment {self.cfg.name}] {tag} eval {split} {mid}: "
+            + " ".join(f"{k}={v:.2f}" for k, v in rec["tasks"].items())
+            + f" ({rec['elapsed_s']:.1f} s)"
+        )
+        return rec
+
+    def _tokenizer(self):
+        if self._tok is None:
+            from ptm.data.tokenizers import load_tokenizer
+
+            self._tok = load_tokenizer(self.cfg.tokenizer_spec())
+        return self._tok
+
+    def _eval_mesh(self):
+        """Evaluate sharded like training when there is more than one device (a 7B model needs the pod)."""
+        if self._mesh is False:
+            import jax
+
+            if jax.device_count() > 1:
+                from ptm.parallel.mesh import make_mesh
+
+                self._mesh = make_mesh(self.cfg.mesh)
+            else:
+                self._mesh = None
+        return self._mesh
+
+    def _params(self, m: ModelSpec):
+        from ptm.model.llama import ModelConfig
+
+        mesh = self._eval_mesh()
+        if m.run is not None:
+            from ptm.eval.harness import load_checkpoint
+
+            params, mcfg, _ = load_checkpoint(m.run, mesh=mesh)
+            return params, mcfg
+        from ptm.merge import recipe as R
+        from ptm.merge.engine import merge_to_tree
+
+        if self._model_cfg is None:
+            from ptm import ckpt_format
+
+            self._model_cfg = ModelConfig.from_dict(ckpt_format.resolve(self.general_path).meta["model"])
+        shardings = None
+        if mesh is not None:  # each device's slice is merged from just that slice of the inputs
+            from ptm.parallel.mesh import param_shardings
+
+            shardings = _flatten(param_shardings(self._model_cfg, mesh))
+        tree = merge_to_tree(R.Recipe(**m.recipe), shardings=shardings, store_cache=self._store_cache)
+        return tree, self._model_cfg
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _recipe_paths(recipe: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    for v in (recipe or {}).get("inputs", {}).values():
+        out.extend(v if isinstance(v, list) else [v])
+    return out
+
+
+def _ckpt_identity(path: str) -> Any:
+    """What cheaply identifies a checkpoint's contents: its run.json (final step and counts) if a run."""
+    rj = os.path.join(path, "run.json")
+    if os.path.exists(rj):
+        d = _read_json(rj)
+        return {"path": path, "steps": d.get("steps"), "data": d.get("data")}
+    return {"path": path}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf} (the tensor names of docs/architecture.md)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _try_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _json_safe(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from e
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Atomic: a crash leaves the old file or the new one, never half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def run_experiment(
+    path: str,
+    results_dir: str | None = None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Load the TOML config at `path` and run the study (the `ptm experiment` command)."""
+    from ptm.experiment.config import load
+
+    return Experiment(load(path, results_dir), progress=progress, log=log).run()

@@ -1,0 +1,566 @@
+"""The streaming merge engine: for each tensor, read each input's piece, combine, write — never a whole model.
+
+- Validation first: every input is opened (metadata only), all mismatches are listed in one MergeError, every
+  recipe's weights are resolved for every tensor and every output is checked before anything is written.
+- Pieces: a tensor is cut into chunks of at most `piece_bytes` (float32) that tile this process's shards; the
+  output's zarr chunks are exactly these pieces, so a process writes whole chunks only. Reads of the next
+  piece
+  are in flight (tensorstore is asynchronous) while the current one is combined, in cache-sized blocks.
+- Sweeps / several recipes over the same inputs: each input piece is read once and fed to every recipe.
+- Sharded (a jax Mesh): each tensor is sharded along its largest axis divisible by the mesh size; a process
+  reads/combines/writes only its addressable shards. Methods are elementwise given per-tensor stats computed
+  on
+  the whole tensor and global element indices, so the result is bit-identical to the unsharded merge.
+- Multi-process: process 0 prepares the temp output and commits; everyone writes only its shards; barriers
+  before writing and before commit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ptm.errors import MergeError
+from ptm.merge import methods as M
+from ptm.merge import recipe as R
+from ptm.merge import stores as S
+
+PIECE_BYTES = 16 << 20  # float32 bytes of one piece (= one output chunk)
+BLOCK = 1 << 15  # elements per cache-sized block of the inner loop
+
+
+# ------------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Job:
+    recipe: R.Recipe
+    method: M.Method
+    opts: dict[str, Any]
+    roles: dict[str, int | list[int]]  # role -> index into Plan.stores
+    heuristic: list[float] | None
+    weights: dict[str, R.WeightPlan] = field(default_factory=dict)
+    out_dtypes: dict[str, np.dtype] = field(default_factory=dict)
+    writer: S.OutputWriter | None = None
+
+
+@dataclass
+class Plan:
+    stores: list[S.InputStore]
+    infos: dict[str, S.TensorInfo]
+    jobs: list[_Job]
+    n_layers: int
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+
+def check_compatible(stores: list[S.InputStore]) -> dict[str, S.TensorInfo]:
+    """The common tensor set; raises one MergeError that lists every missing/extra tensor and shape/dtype
+    clash."""
+    ref = stores[0].tensors()
+    problems = []
+    for st in stores[1:]:
+        t = st.tensors()
+        for n in sorted(set(ref) - set(t)):
+            problems.append(f"{st.path}: missing tensor {n!r} (present in {stores[0].path})")
+        for n in sorted(set(t) - set(ref)):
+            problems.append(f"{st.path}: extra tensor {n!r} (absent from {stores[0].path})")
+        for n in sorted(set(ref) & set(t)):
+            a, b = ref[n], t[n]
+            if a.shape != b.shape:
+                problems.append(
+                    f"{st.path}: tensor {n!r} has shape {list(b.shape)}, {stores[0].path} has {list(a.shape)}"
+                )
+            if a.dtype != b.dtype:
+                problems.append(
+                    f"{st.path}: tensor {n!r} has dtype {b.dtype}, {stores[0].path} has {a.dtype}"
+                )
+    if problems:
+        raise MergeError(f"inputs do not match ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+    return ref
+
+
+def _n_layers(infos: dict[str, S.TensorInfo]) -> int:
+    stacked = {i.shape[0] for n, i in infos.items() if R.is_stacked_layer(n) and i.shape}
+    if len(stacked) > 1:
+        raise MergeError(f"tensors under layers.* disagree on the layer axis: {sorted(stacked)}")
+    if stacked:
+        return stacked.pop()
+    idx = [R.layer_of(n) for n in infos]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else 0
+
+
+def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = None) -> Plan:
+    """Open inputs, validate everything that can be validated before writing."""
+    if not recipes:
+        raise MergeError("nothing to merge: no recipe")
+    paths = recipes[0].input_paths()
+    for r in recipes[1:]:
+        if sorted(r.input_paths()) != sorted(paths):
+            raise MergeError("recipes merged in one pass must read the same inputs")
+    jobs = []
+    for r in recipes:
+        method = M.get(r.method)
+        for role in method.required:
+            if not r.inputs.get(role):
+                raise MergeError(
+                    f"method {method.name!r} needs input {role!r} (recipe inputs: {sorted(r.inputs)})"
+                )
+        extra = set(r.inputs) - set(method.required) - set(method.optional)
+        if extra:
+            raise MergeError(f"method {method.name!r} does not use input(s) {sorted(extra)}")
+        if method.name in ("linear_interpolation",) and len(r.inputs["skills"]) != 1:
+            raise MergeError("linear_interpolation takes exactly one skill")
+        opts = M.check_options(method, r.options())
+        jobs.append(_Job(r, method, opts, {}, None))
+    cache = store_cache if store_cache is not None else {}
+    uniq = list(dict.fromkeys(paths))
+    stores = []
+    for p in uniq:
+        if p not in cache:
+            cache[p] = S.open_store(p)
+        stores.append(cache[p])
+    infos = check_compatible(stores)
+    n_layers = _n_layers(infos)
+    pos = {p: i for i, p in enumerate(uniq)}
+    metas = {p: s.meta for p, s in zip(uniq, stores, strict=True)}
+    for j in jobs:
+        j.roles = {
+            k: ([pos[p] for p in v] if isinstance(v, list) else pos[v]) for k, v in j.recipe.inputs.items()
+        }
+        uses_h = j.recipe.weights == "heuristic" or any(
+            o["weights"] == "heuristic" for o in j.recipe.overrides
+        )
+        j.heuristic = R.heuristic_omegas(j.recipe, metas) if uses_h else None
+        odt = S.parse_dtype(j.recipe.output_dtype) if j.recipe.output_dtype else None
+        for n, info in infos.items():
+            j.weights[n] = R.resolve_weights(j.recipe, j.method, n, n_layers, j.heuristic)
+            j.out_dtypes[n] = odt or info.dtype
+    return Plan(stores, infos, jobs, n_layers)
+
+
+# ------------------------------------------------------------------------------------------------- sharding
+
+
+def shard_axis(shape: tuple[int, ...], n: int) -> int | None:
+    """The largest axis divisible by n (ties: the first), or None (replicated)."""
+    best = None
+    for ax, d in enumerate(shape):
+        if d % n == 0 and d >= n and (best is None or d > shape[best]):
+            best = ax
+    return best
+
+
+def default_sharding(mesh, shape: tuple[int, ...]):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    ax = shard_axis(shape, mesh.size) if mesh.size > 1 else None
+    spec = [None] * len(shape)
+    if ax is not None:
+        spec[ax] = tuple(mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _norm_index(idx: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    out = []
+    for s, d in zip(idx, shape, strict=False):
+        start, stop, _ = s.indices(d)
+        out.append(slice(start, stop))
+    out.extend(slice(0, d) for d in shape[len(out) :])
+    return tuple(out)
+
+
+def local_shards(sharding, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """This process's distinct shard indices. A replicated tensor is written by process 0 only."""
+    import jax
+
+    keys = {
+        tuple((s.start, s.stop) for s in _norm_index(i, shape))
+        for i in sharding.addressable_devices_indices_map(shape).values()
+    }
+    full = tuple((0, d) for d in shape)
+    if keys == {full} and jax.process_index() != 0 and not sharding.is_fully_addressable:
+        return []
+    return [tuple(slice(a, b) for a, b in k) for k in sorted(keys)]
+
+
+def pieces(region: tuple[slice, ...], chunk: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    """The chunk grid inside `region` (which chunks tile exactly)."""
+    ranges = [range(s.start, s.stop, c) for s, c in zip(region, chunk, strict=True)]
+    for starts in np.ndindex(*[len(r) for r in ranges]) if ranges else [()]:
+        yield tuple(
+            slice(r[i], min(r[i] + c, s.stop))
+            for r, i, c, s in zip(ranges, starts, chunk, region, strict=True)
+        )
+
+
+# ------------------------------------------------------------------------------------------------ combining
+
+
+class _Combiner:
+    """Combines the pieces of one tensor for every job (recipe) of a plan."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.check_finite = not all(j.recipe.allow_nonfinite for j in plan.jobs)
+        self.stats: dict[tuple[int, str], dict[str, Any]] = {}
+        self._bufs = [np.empty(BLOCK, np.float32) for _ in plan.stores]
+
+    def tensor_stats(self, name: str) -> None:
+        """Per-tensor statistics (TIES thresholds) over the *whole* tensor, so every shard uses the same
+        ones."""
+        info = self.plan.infos[name]
+        full = _norm_index((), info.shape)
+        chunk = S.chunk_shape(info.shape, 4, PIECE_BYTES)
+        for ji, j in enumerate(self.plan.jobs):
+            if j.method.stats is None:
+                continue
+            pre, skills = j.roles["pre"], j.roles["skills"]
+
+            def taus(k: int, pre=pre, skills=skills) -> Callable[[], Iterator[np.ndarray]]:
+                def gen() -> Iterator[np.ndarray]:
+                    for p in pieces(full, chunk):
+                        a = self.plan.stores[skills[k]].read(name, p).astype(np.float32)
+                        a -= self.plan.stores[pre].read(name, p)
+                        yield a
+
+                return gen
+
+            self.stats[(ji, name)] = j.method.stats(taus, len(skills), math.prod(info.shape), **j.opts)
+
+    def combine(self, name: str, index: tuple[slice, ...], arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Merged piece `index` of tensor `name` for every job, in each job's output dtype."""
+        info = self.plan.infos[name]
+        pshape = tuple(s.stop - s.start for s in index)
+        outs = [np.empty(pshape, j.out_dtypes[name]) for j in self.plan.jobs]
+        stacked = R.is_stacked_layer(name) and len(pshape) > 0
+        hf_layer = R.layer_of(name)
+        # Rows with one weight each: one layer per row for stacked tensors, else the whole piece.
+        groups = [(r, r + 1) for r in range(pshape[0])] if stacked else [(0, pshape[0] if pshape else 1)]
+        for g0, g1 in groups:
+            layer = index[0].start + g0 if stacked else hf_layer
+            ws = []
+            for j in self.plan.jobs:
+                wp = j.weights[name]
+                ws.append(
+                    [
+                        float(v[layer]) if layer is not None else d
+                        for v, d in zip(wp.per_layer, wp.default, strict=True)
+                    ]
+                )
+            src = [np.ascontiguousarray(a[g0:g1] if pshape else a).reshape(-1) for a in arrays]
+            dst = [o[g0:g1].reshape(-1) if pshape else o.reshape(-1) for o in outs]
+            gshape = (g1 - g0, *pshape[1:]) if pshape else ()
+            offset = (index[0].start + g0, *(s.start for s in index[1:])) if pshape else ()
+            n = src[0].size if src else 0
+            for j0 in range(0, n, BLOCK):
+                j1 = min(j0 + BLOCK, n)
+                m = j1 - j0
+                bufs = []
+                for si, a in enumerate(src):
+                    b = self._bufs[si][:m]
+                    b[...] = a[j0:j1]
+                    if self.check_finite and not np.isfinite(b).all():
+                        raise MergeError(
+                            f"{self.plan.stores[si].path}: tensor {name!r} contains NaN/Inf "
+                            "(set allow_nonfinite to merge it anyway)"
+                        )
+                    bufs.append(b)
+
+                def flat_index(j0=j0, j1=j1, gshape=gshape, offset=offset) -> np.ndarray:
+                    loc = np.unravel_index(np.arange(j0, j1), gshape) if gshape else ()
+                    glob = tuple(c + o for c, o in zip(loc, offset, strict=True))
+                    return (
+                        np.ravel_multi_index(glob, info.shape).astype(np.uint64)
+                        if gshape
+                        else np.zeros(1, np.uint64)
+                    )
+
+                for ji, j in enumerate(self.plan.jobs):
+                    x = {
+                        k: ([bufs[i] for i in v] if isinstance(v, list) else bufs[v])
+                        for k, v in j.roles.items()
+                    }
+                    ctx = M.Context(
+                        name=name,
+                        seed=j.recipe.seed,
+                        stats=self.stats.get((ji, name), {}),
+                        flat_index=flat_index,
+                    )
+                    dst[ji][j0:j1] = j.method.fn(x, ws[ji], ctx, **j.opts)
+        return outs
+
+
+# -------------------------------------------------------------------------------------------------- running
+
+
+def _rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _process() -> tuple[int, int]:
+    if "jax" not in sys.modules:
+        return 0, 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _barrier(name: str) -> None:
+    if _process()[1] > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclass
+class MergeSummary:
+    outputs: list[str]
+    recipes: list[dict[str, Any]]
+    inputs: list[str]
+    seconds: float
+    peak_rss_bytes: int
+    memory_bound_bytes: int
+    bytes_read: int
+    bytes_written: int
+
+    def lines(self) -> list[str]:
+        out = [
+            f"merged {len(self.outputs)} output(s) from {len(self.inputs)} input(s) in {self.seconds:.2f} s"
+        ]
+        for r, o in zip(self.recipes, self.outputs, strict=True):
+            w = r.get("weights")
+            out.append(f"  {o}: method={r['method']} weights={w} dtype={r.get('output_dtype') or 'inputs'}")
+        out.append(f"  inputs: {', '.join(self.inputs)}")
+        out.append(
+            f"  read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB, "
+            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB (bound for merge buffers "
+            f"{self.memory_bound_bytes / 2**20:.0f} MiB + mapped input pages)"
+        )
+        return out
+
+
+def _layout(plan: Plan, mesh) -> tuple[dict[str, tuple[int, ...]], dict[str, list[tuple[slice, ...]]]]:
+    chunks, regions = {}, {}
+    for n, info in plan.infos.items():
+        if mesh is None:
+            shard_shape, regs = info.shape, [_norm_index((), info.shape)]
+        else:
+            sh = default_sharding(mesh, info.shape)
+            shard_shape = sh.shard_shape(info.shape)
+            regs = local_shards(sh, info.shape)
+        chunks[n] = S.chunk_shape(shard_shape, 4, PIECE_BYTES)
+        regions[n] = regs
+    return chunks, regions
+
+
+def _memory_bound(plan: Plan, chunks: dict[str, tuple[int, ...]]) -> int:
+    biggest = max((math.prod(c) for c in chunks.values()), default=0)
+    in_item = max((i.dtype.itemsize for i in plan.infos.values()), default=4)
+    out_item = max((d.itemsize for j in plan.jobs for d in j.out_dtypes.values()), default=4)
+    # two pieces of every input in flight, each job's output piece plus up to 4 queued writes, block buffers
+    return biggest * (2 * len(plan.stores) * in_item + 5 * len(plan.jobs) * out_item) + BLOCK * 4 * 8
+
+
+def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, mesh) -> None:
+    outs = [j.recipe.out for j in plan.jobs]
+    if any(o is None for o in outs):
+        raise MergeError("every recipe needs an output path (`out`)")
+    norm = [os.path.abspath(o) if not S.is_gcs(o) else o.rstrip("/") for o in outs]
+    if len(set(norm)) != len(norm):
+        raise MergeError(f"two recipes write the same output: {outs}")
+    ins = {os.path.abspath(s.path) if not S.is_gcs(s.path) else s.path.rstrip("/") for s in plan.stores}
+    for o in norm:
+        if o in ins:
+            raise MergeError(f"{o}: output is also an input")
+    keys_src = next((s for s in plan.stores if isinstance(s, S.OrbaxStore)), None)
+    for j in plan.jobs:
+        fmt = j.recipe.output_format or plan.stores[0].kind
+        infos = [S.TensorInfo(n, i.shape, j.out_dtypes[n]) for n, i in plan.infos.items()]
+        if fmt == "orbax":
+            keys = {n: keys_src.keys(n) for n in plan.infos} if keys_src else {}
+            j.writer = S.OrbaxWriter(
+                j.recipe.out, infos, chunks, {k: v for k, v in keys.items() if v}, overwrite
+            )
+        elif fmt == "safetensors":
+            if _process()[1] > 1:
+                raise MergeError(
+                    "safetensors outputs are written by one process; use an Orbax output for a "
+                    "multi-process merge and convert it afterwards"
+                )
+            j.writer = S.SafetensorsWriter(j.recipe.out, infos, overwrite)
+        else:
+            raise MergeError(f"unknown output_format {fmt!r} (orbax or safetensors)")
+
+
+def _provenance(j: _Job) -> dict[str, Any]:
+    p = j.recipe.to_dict()
+    p["resolved_heuristic_omegas"] = j.heuristic
+    p["options"] = j.opts
+    return p
+
+
+def merge(
+    recipes: R.Recipe | list[R.Recipe],
+    *,
+    mesh=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    summary: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> MergeSummary:
+    """Run one or several recipes over the same inputs in one streaming pass, writing each output
+    atomically."""
+    say = log or (lambda s: print(s, file=sys.stderr))
+    recipes = [recipes] if isinstance(recipes, R.Recipe) else list(recipes)
+    t0 = time.perf_counter()
+    pl = plan(recipes)
+    chunks, regions = _layout(pl, mesh)
+    _writers(pl, chunks, overwrite, mesh)
+    pid, _ = _process()
+    leader = pid == 0
+    bound = _memory_bound(pl, chunks)
+    if summary:
+        say(
+            f"ptm merge: {len(pl.infos)} tensors, {len(pl.stores)} input(s), {len(pl.jobs)} output(s); "
+            f"merge buffers bounded by ~{bound / 2**20:.0f} MiB"
+        )
+    for j in pl.jobs:
+        j.writer.prepare(leader)
+    _barrier("ptm-merge-prepared")
+    comb = _Combiner(pl)
+    work = [(n, p) for n in pl.infos for reg in regions[n] for p in pieces(reg, chunks[n])]
+    total_in = sum(math.prod(s.stop - s.start for s in p) * pl.infos[n].dtype.itemsize for n, p in work)
+    read_b = written = 0
+    try:
+        for j in pl.jobs:
+            j.writer.open()
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total_in * len(pl.stores),
+            unit="B",
+            unit_scale=True,
+            desc="merge",
+            file=sys.stderr,
+            disable=not progress,
+        )
+        done_tensors: set[str] = set()
+        nxt = [s.read_async(work[0][0], work[0][1]) for s in pl.stores] if work else []
+        for w, (name, idx) in enumerate(work):
+            if w == 0 or work[w - 1][0] != name:
+                comb.tensor_stats(name)
+            cur = [f.result() for f in nxt]
+            if w + 1 < len(work):
+                n2, i2 = work[w + 1]
+                nxt = [s.read_async(n2, i2) for s in pl.stores]
+            outs = comb.combine(name, idx, cur)
+            for j, o in zip(pl.jobs, outs, strict=True):
+                j.writer.write(name, idx, o)
+                written += o.nbytes
+            nb = sum(a.nbytes for a in cur)
+            read_b += nb
+            done_tensors.add(name)
+            bar.update(nb)
+            bar.set_postfix_str(f"tensors {len(done_tensors)}/{len(pl.infos)}", refresh=False)
+        bar.close()
+        for j in pl.jobs:
+            j.writer.flush()
+        _barrier("ptm-merge-written")
+        model = next((s.meta.get("model") for s in pl.stores if s.meta and s.meta.get("model")), None)
+        for j in pl.jobs:
+            from ptm import ckpt_format
+
+            meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j))
+            meta.pop("format")
+            meta.pop("version")
+            j.writer.commit(meta, leader)
+        _barrier("ptm-merge-committed")
+    except BaseException:
+        for j in pl.jobs:
+            j.writer.abort()
+        raise
+    result = MergeSummary(
+        outputs=[j.recipe.out for j in pl.jobs],
+        recipes=[j.recipe.to_dict() for j in pl.jobs],
+        inputs=[s.path for s in pl.stores],
+        seconds=time.perf_counter() - t0,
+        peak_rss_bytes=_rss_peak(),
+        memory_bound_bytes=bound,
+        bytes_read=read_b,
+        bytes_written=written,
+    )
+    if summary:
+        for line in result.lines():
+            say(line)
+    return result
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, v in flat.items():
+        d = tree
+        *head, last = name.split(".")
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = v
+    return tree
+
+
+def merge_to_tree(
+    recipe: R.Recipe, *, shardings: Any = None, mesh=None, store_cache: dict[str, S.InputStore] | None = None
+) -> dict[str, Any]:
+    """Merge in memory (nothing written): the nested param dict of numpy arrays, or of jax Arrays when
+    `shardings` (dict name -> Sharding, or callable(name, shape) -> Sharding) or `mesh` (default sharding
+    rule)
+    is given — then each device's slice is computed from just that slice of the inputs.
+    `store_cache` (path -> store) lets a search reuse opened inputs across many candidate merges."""
+    pl = plan([recipe], store_cache)
+    comb = _Combiner(pl)
+    flat: dict[str, Any] = {}
+
+    def region(name: str, reg: tuple[slice, ...]) -> np.ndarray:
+        info = pl.infos[name]
+        shape = tuple(s.stop - s.start for s in reg)
+        out = np.empty(shape, pl.jobs[0].out_dtypes[name])
+        for p in pieces(reg, S.chunk_shape(shape, 4, PIECE_BYTES)):
+            arrays = [s.read(name, p) for s in pl.stores]
+            local = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(p, reg, strict=True))
+            out[local] = comb.combine(name, p, arrays)[0]
+        del info
+        return out
+
+    for name, info in pl.infos.items():
+        comb.tensor_stats(name)
+        if shardings is None and mesh is None:
+            flat[name] = region(name, _norm_index((), info.shape))
+            continue
+        import jax
+
+        if mesh is not None and shardings is None:
+            sh = default_sharding(mesh, info.shape)
+        elif callable(shardings):
+            sh = shardings(name, info.shape)
+        else:
+            sh = shardings[name]
+        cache: dict[tuple, np.ndarray] = {}
+
+        def cb(idx, name=name, info=info, cache=cache):
+            key = tuple((s.start, s.stop) for s in _norm_index(idx, info.shape))
+            if key not in cache:
+                cache[key] = region(name, _norm_index(idx, info.shape))
+            return cache[key]
+
+        flat[name] = jax.make_array_from_callback(info.shape, sh, cb)
+    return _nest(flat)

@@ -1,0 +1,291 @@
+"""Benchmark the merge engine on TinyLlama-shaped checkpoints (not a test).
+
+Generates three random bf16 Llama checkpoints of TinyLlama shape (~2.2 GB each) as safetensors (HF names) and
+Orbax (ptm names), then times, in fresh subprocesses with peak RSS and peak private (anonymous) RSS sampled
+from
+/proc: (a) ptm task arithmetic omega=0.3 from safetensors, (b) the same from Orbax, (c) a 5-omega sweep,
+(d) mergekit (dtype float32, out_dtype bfloat16) if installed, (e) the I/O floor (read 3 inputs, write 1
+output).
+
+    python tools/bench_merge.py --dir /tmp/ptm-bench [--keep] [--skip-mergekit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HIDDEN, LAYERS, INTER, HEADS, KV, VOCAB = 2048, 22, 5632, 32, 4, 32000
+HEAD_DIM = HIDDEN // HEADS
+
+
+def hf_shapes() -> dict[str, tuple[int, ...]]:
+    s = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+        "lm_head.weight": (VOCAB, HIDDEN),
+    }
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        s.update(
+            {
+                p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+                p + "self_attn.k_proj.weight": (KV * HEAD_DIM, HIDDEN),
+                p + "self_attn.v_proj.weight": (KV * HEAD_DIM, HIDDEN),
+                p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+                p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                p + "mlp.down_proj.weight": (HIDDEN, INTER),
+                p + "input_layernorm.weight": (HIDDEN,),
+                p + "post_attention_layernorm.weight": (HIDDEN,),
+            }
+        )
+    return s
+
+
+def ptm_shapes() -> dict[str, tuple[int, ...]]:
+    L = LAYERS
+    return {
+        "embed.embedding": (VOCAB, HIDDEN),
+        "final_norm.scale": (HIDDEN,),
+        "lm_head.kernel": (HIDDEN, VOCAB),
+        "layers.attention_norm.scale": (L, HIDDEN),
+        "layers.mlp_norm.scale": (L, HIDDEN),
+        "layers.attention.wq": (L, HIDDEN, HEADS, HEAD_DIM),
+        "layers.attention.wk": (L, HIDDEN, KV, HEAD_DIM),
+        "layers.attention.wv": (L, HIDDEN, KV, HEAD_DIM),
+        "layers.attention.wo": (L, HEADS, HEAD_DIM, HIDDEN),
+        "layers.mlp.w_gate": (L, HIDDEN, INTER),
+        "layers.mlp.w_up": (L, HIDDEN, INTER),
+        "layers.mlp.w_down": (L, INTER, HIDDEN),
+    }
+
+
+def _rand(rng, shape):
+    import ml_dtypes
+
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(ml_dtypes.bfloat16)
+
+
+def gen_safetensors(path: str, seed: int) -> None:
+    import struct
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shapes = hf_shapes()
+    header, off = {}, 0
+    for n, s in shapes.items():
+        nb = int(np.prod(s)) * 2
+        header[n] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + nb]}
+        off += nb
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(f"{path}/model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for s in shapes.values():
+            f.write(_rand(rng, s).tobytes())
+
+
+def gen_orbax(path: str, seed: int) -> None:
+    import orbax.checkpoint as ocp
+
+    from ptm import ckpt_format
+
+    rng = np.random.default_rng(seed + 100)
+    tree: dict = {}
+    for n, s in ptm_shapes().items():
+        d = tree
+        *head, last = n.split(".")
+        for k in head:
+            d = d.setdefault(k, {})
+        d[last] = _rand(rng, s)
+    ck = ocp.StandardCheckpointer()
+    ck.save(f"{path}/params", tree)
+    ck.wait_until_finished()
+    ckpt_format.write_meta(path, {"model": {}, "step": 0, "data": {}, "provenance": {"bench": True}})
+
+
+def measure(cmd: list[str], env: dict | None = None) -> dict[str, float]:
+    """Wall time, peak RSS (VmHWM) and peak anonymous RSS (private memory; file-backed input pages
+    excluded)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    anon = hwm = 0
+    while p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        anon = max(anon, int(line.split()[1]) * 1024)
+                    elif line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.02)
+    err = p.stderr.read().decode()
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
+    return {"wall_s": time.perf_counter() - t0, "peak_rss_gb": hwm / 1e9, "peak_private_gb": anon / 1e9}
+
+
+def ptm_merge(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "ptm.cli", "merge", "--no-progress", *args]
+
+
+def io_floor(inputs: list[str], out: str) -> None:
+    buf = bytearray(64 << 20)
+    total = 0
+    for f in inputs:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                total += n
+    size = os.path.getsize(inputs[0])
+    with open(out, "wb") as fh:
+        left = size
+        while left > 0:
+            fh.write(memoryview(buf)[: min(left, len(buf))])
+            left -= len(buf)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/ptm-bench")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--io-floor-child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.io_floor_child:
+        io_floor(a.io_floor_child[:-1], a.io_floor_child[-1])
+        return 0
+    d = a.dir
+    os.makedirs(d, exist_ok=True)
+    names = ["pre", "general", "skill"]
+    for i, n in enumerate(names):
+        if not os.path.exists(f"{d}/st/{n}/model.safetensors"):
+            print(f"generating safetensors {n}", file=sys.stderr)
+            gen_safetensors(f"{d}/st/{n}", i)
+        if not os.path.exists(f"{d}/ox/{n}/ptm/metadata"):
+            print(f"generating orbax {n}", file=sys.stderr)
+            gen_orbax(f"{d}/ox/{n}", i)
+    st = {n: f"{d}/st/{n}" for n in names}
+    ox = {n: f"{d}/ox/{n}" for n in names}
+    res: dict[str, dict] = {}
+
+    def clean(p):
+        shutil.rmtree(p, ignore_errors=True)
+
+    for src in (st, ox):  # warm the page cache (the peer numbers in NOTES.md are warm-cache numbers)
+        subprocess.run(
+            ["cat", *[os.path.join(r, f) for v in src.values() for r, _, fs in os.walk(v) for f in fs]],
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
+    common = ["--method", "task_arithmetic", "--omega", "0.3"]
+    clean(f"{d}/out-a")
+    res["a_ptm_safetensors"] = measure(
+        ptm_merge(
+            [
+                *common,
+                "--pre",
+                st["pre"],
+                "--general",
+                st["general"],
+                "--skill",
+                st["skill"],
+                "--out",
+                f"{d}/out-a",
+            ]
+        )
+    )
+    clean(f"{d}/out-b")
+    res["b_ptm_orbax"] = measure(
+        ptm_merge(
+            [
+                *common,
+                "--pre",
+                ox["pre"],
+                "--general",
+                ox["general"],
+                "--skill",
+                ox["skill"],
+                "--out",
+                f"{d}/out-b",
+            ]
+        )
+    )
+    clean(f"{d}/out-b")
+    for i in range(5):
+        clean(f"{d}/sweep-{i}")
+    res["c_ptm_sweep5_safetensors"] = measure(
+        ptm_merge(
+            [
+                "--method",
+                "task_arithmetic",
+                "--sweep",
+                "0.1,0.2,0.3,0.5,1.0",
+                "--pre",
+                st["pre"],
+                "--general",
+                st["general"],
+                "--skill",
+                st["skill"],
+                "--out",
+                f"{d}/sweep-{{omega}}",
+            ]
+        )
+    )
+    for w in ("0.1", "0.2", "0.3", "0.5", "1.0"):
+        clean(f"{d}/sweep-{w}")
+    try:
+        import mergekit  # noqa: F401
+
+        have_mk = not a.skip_mergekit
+    except ImportError:
+        have_mk = False
+    if have_mk:
+        cfg = f"{d}/mergekit.yml"
+        with open(cfg, "w") as f:
+            f.write(
+                f"merge_method: task_arithmetic\nbase_model: {st['pre']}\n"
+                "dtype: float32\nout_dtype: bfloat16\n"
+                f"parameters:\n  normalize: false\nmodels:\n  - model: {st['general']}\n    parameters:\n"
+                f"      weight: 1.0\n  - model: {st['skill']}\n    parameters:\n      weight: 0.3\n"
+            )
+        clean(f"{d}/out-mk")
+        res["d_mergekit"] = measure(["mergekit-yaml", cfg, f"{d}/out-mk", "--lazy-unpickle"])
+    clean(f"{d}/floor.bin")
+    res["e_io_floor"] = measure(
+        [
+            sys.executable,
+            __file__,
+            "--io-floor-child",
+            *[f"{st[n]}/model.safetensors" for n in names],
+            f"{d}/floor.bin",
+        ]
+    )
+    clean(f"{d}/floor.bin")
+    a_ = res["a_ptm_safetensors"]["wall_s"]
+    ratios = {
+        "sweep5 / one merge": res["c_ptm_sweep5_safetensors"]["wall_s"] / a_,
+        "one merge / io floor": a_ / res["e_io_floor"]["wall_s"],
+    }
+    if "d_mergekit" in res:
+        ratios["ptm / mergekit"] = a_ / res["d_mergekit"]["wall_s"]
+    print(json.dumps({"results": res, "ratios": ratios}, indent=1))
+    clean(f"{d}/out-a")
+    if not a.keep:
+        shutil.rmtree(d, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
