@@ -87,7 +87,21 @@ def recipes_from_args(args: argparse.Namespace):
 def merge_cmd(args: argparse.Namespace) -> int:
     from ptm.merge import engine
 
-    engine.merge(recipes_from_args(args), overwrite=args.overwrite, progress=not args.no_progress)
+    recipes = recipes_from_args(args)
+    # On a multi-host slice every worker runs this same command: join the cluster and split each tensor over all
+    # processes (each reads/writes its shard; process 0 commits). Single-process runs stay unsharded.
+    import jax
+
+    from ptm.parallel import distributed
+
+    distributed.initialize()
+    mesh = None
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.sharding import Mesh
+
+        mesh = Mesh(np.array(jax.devices()), ("shard",))
+    engine.merge(recipes, overwrite=args.overwrite, progress=not args.no_progress, mesh=mesh)
     return 0
 
 

@@ -6,6 +6,7 @@ data, init and hyper-parameters; see gin/runs/).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -94,8 +95,8 @@ def train(
         )
     tx = make_optimizer(optimizer, total_steps)
     schedule = make_schedule(optimizer, total_steps)
-    step_fn = jit_train_step(model, tx, device_mesh, rules, grad_accum_steps=grad_accum_steps,
-                             loss_normalization=loss_normalization)
+    rules = _hashable_rules(rules)
+    step_fn = _train_step_for(model, optimizer, device_mesh, rules, grad_accum_steps, loss_normalization)
     abstract, shardings = state_shardings(model, tx, device_mesh, rules)
 
     ckpt = RunCheckpointer(out, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpointing)
@@ -174,6 +175,18 @@ def train(
         (out / "run.json").write_text(json.dumps({"complete": True, **asdict(result),
                                                   "model": model.to_dict(), "tokenizer": tokenizer}, indent=1))
     return result
+
+
+def _hashable_rules(rules) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step_for(model, optimizer, mesh, rules, grad_accum_steps, loss_normalization):
+    """One jitted step per (model, optimizer config, mesh, ...): the schedule lives in the optimizer state, so runs
+    of different lengths in one process (e.g. `ptm experiment`) reuse the traced and compiled step."""
+    return jit_train_step(model, make_optimizer(optimizer, 1), mesh, rules, grad_accum_steps=grad_accum_steps,
+                          loss_normalization=loss_normalization)
 
 
 def _stats_summary(stats) -> dict:

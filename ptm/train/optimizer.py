@@ -20,26 +20,50 @@ class OptimizerConfig:
     decay_norms: bool = False  # weight decay on RMSNorm scales (off, as usual)
 
 
-def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup over ceil(warmup_ratio * total) steps, then linear decay to 0 at `total_steps`."""
+def _warmup_linear_decay(count, peak, warmup, total):
+    """lr at optimizer step `count`: 0 -> peak over `warmup` steps, then linear to 0 at `total`."""
+    import jax.numpy as jnp
+
+    count = jnp.asarray(count, jnp.float32)
+    up = peak * count / jnp.maximum(warmup, 1.0)
+    down = peak * jnp.maximum(total - count, 0.0) / jnp.maximum(total - warmup, 1.0)
+    return jnp.where(count < warmup, up, down)
+
+
+def warmup_steps(cfg: OptimizerConfig, total_steps: int) -> int:
     total = max(int(total_steps), 1)
-    warmup = min(int(round(cfg.warmup_ratio * total)), total - 1) if cfg.warmup_ratio > 0 else 0
-    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(total - warmup, 1))
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), decay], [warmup])
+    return min(int(round(cfg.warmup_ratio * total)), total - 1) if cfg.warmup_ratio > 0 else 0
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup over round(warmup_ratio * total) steps, then linear decay to 0 at `total_steps`."""
+    w, t = float(warmup_steps(cfg, total_steps)), float(max(int(total_steps), 1))
+    return lambda count: _warmup_linear_decay(count, cfg.learning_rate, w, t)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (+ global-norm clipping) whose schedule parameters live in the optimizer *state*.
+
+    `optax.inject_hyperparams` keeps peak lr, warmup and total steps as arrays in the state, so the compiled train
+    step does not depend on the run's length: runs of different lengths share one compilation (and the persistent
+    compilation cache), which matters when a study trains dozens of small runs.
+    """
+
     def decay_mask(params):
         # Decay matrices and embeddings; not RMSNorm scales (named `*norm*` in the param tree).
         return jax.tree_util.tree_map_with_path(
             lambda path, p: cfg.decay_norms or "norm" not in jax.tree_util.keystr(path), params
         )
 
-    parts = []
-    if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-    parts.append(optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    def chain(learning_rate, warmup, total):
+        parts = []
+        if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
+            parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+        sched = lambda count: _warmup_linear_decay(count, learning_rate, warmup, total)
+        parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 mask=decay_mask))
+        return optax.chain(*parts)
+
+    return optax.inject_hyperparams(chain)(
+        learning_rate=float(cfg.learning_rate), warmup=float(warmup_steps(cfg, total_steps)),
+        total=float(max(int(total_steps), 1)))
