@@ -65,11 +65,23 @@ def write_meta(step_dir: str | epath.Path, meta: dict[str, Any]) -> None:
     (d / META_FILE).write_text(json.dumps(full, indent=1, sort_keys=True))
 
 
-def make_meta(model: dict[str, Any], step: int, data: dict[str, int] | None = None,
-              provenance: dict[str, Any] | None = None, tokenizer: str | None = None) -> dict[str, Any]:
+def make_meta(
+    model: dict[str, Any],
+    step: int,
+    data: dict[str, int] | None = None,
+    provenance: dict[str, Any] | None = None,
+    tokenizer: str | None = None,
+) -> dict[str, Any]:
     """`tokenizer` is the spec `ptm.data.tokenizers.load_tokenizer` takes ("byte" or a path)."""
-    return {"format": FORMAT, "version": VERSION, "model": model, "step": int(step), "tokenizer": tokenizer,
-            "data": dict(data or {}), "provenance": dict(provenance or {})}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model,
+        "step": int(step),
+        "tokenizer": tokenizer,
+        "data": dict(data or {}),
+        "provenance": dict(provenance or {}),
+    }
 
 
 def resolve(path: str | epath.Path) -> ModelCheckpoint:

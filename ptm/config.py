@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gin
-
 from ptm.errors import ConfigError
 
 _REGISTERED = False
@@ -52,7 +51,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             with _quiet_gin():
                 gin.parse_config_file(_find(f))
         except OSError as e:
-            raise ConfigError(f"gin file {f!r} not found (searched: {[str(p) for p in search_path()]})") from e
+            raise ConfigError(
+                f"gin file {f!r} not found (searched: {[str(p) for p in search_path()]})"
+            ) from e
         except (ValueError, SyntaxError) as e:
             raise ConfigError(f"gin file {f!r}: {e}") from e
     for b in bindings:
@@ -89,7 +90,7 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     bindings, rest = [], []
     for a in argv:
         if a.startswith("--gin."):
-            name, sep, value = a[len("--gin."):].partition("=")
+            name, sep, value = a[len("--gin.") :].partition("=")
             if not sep:
                 raise ConfigError(f"{a!r}: expected --gin.NAME=VALUE")
             bindings.append(f"{name} = {value}")

@@ -94,9 +94,9 @@ def gen_safetensors(path: str, seed: int) -> None:
 
 
 def gen_orbax(path: str, seed: int) -> None:
-    import orbax.checkpoint as ocp
-
+    """A ptm run dir written by the training checkpointer (so with its chunked save arguments)."""
     from ptm import ckpt_format
+    from ptm.train.checkpoint import RunCheckpointer
 
     rng = np.random.default_rng(seed + 100)
     tree: dict = {}
@@ -106,10 +106,31 @@ def gen_orbax(path: str, seed: int) -> None:
         for k in head:
             d = d.setdefault(k, {})
         d[last] = _rand(rng, s)
-    ck = ocp.StandardCheckpointer()
-    ck.save(f"{path}/params", tree)
-    ck.wait_until_finished()
-    ckpt_format.write_meta(path, {"model": {}, "step": 0, "data": {}, "provenance": {"bench": True}})
+    ck = RunCheckpointer(path, save_every=1, async_save=False)
+    meta = ckpt_format.make_meta({}, step=0, provenance={"bench": True})
+    ck.save(0, {"params": tree, "opt_state": {"count": np.zeros((), np.int32)}}, None, meta, force=True)
+    ck.manager.wait_until_finished()
+    ck.manager.close()
+
+
+def agreement(a: str, b: str) -> dict[str, float]:
+    """Compare two bf16 safetensors outputs: elements whose bit patterns differ, and by more than one bf16
+    rounding step (one unit in the last place)."""
+    from ptm.merge.stores import SafetensorsStore
+
+    sa, sb = SafetensorsStore(a), SafetensorsStore(b)
+    ta, tb = sa.tensors(), sb.tensors()
+    if set(ta) != set(tb):
+        return {"tensor_sets_differ": 1.0}
+    n = diff = over = 0
+    for name in ta:
+        x = np.asarray(sa.read(name, ())).view(np.int16).astype(np.int32).ravel()
+        y = np.asarray(sb.read(name, ())).view(np.int16).astype(np.int32).ravel()
+        d = np.abs(x - y)
+        n += x.size
+        diff += int(np.count_nonzero(d))
+        over += int(np.count_nonzero(d > 1))
+    return {"elements": n, "differ": diff, "differ_frac": diff / n, "differ_more_than_1_ulp": over}
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict[str, float]:
@@ -161,6 +182,9 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp/ptm-bench")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--mergekit", default="mergekit-yaml", help="mergekit-yaml executable (e.g. from a venv)")
+    ap.add_argument("--cases", default="abcde", help="which cases to run (letters)")
+    ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--io-floor-child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.io_floor_child:
@@ -173,9 +197,11 @@ def main() -> int:
         if not os.path.exists(f"{d}/st/{n}/model.safetensors"):
             print(f"generating safetensors {n}", file=sys.stderr)
             gen_safetensors(f"{d}/st/{n}", i)
-        if not os.path.exists(f"{d}/ox/{n}/ptm/metadata"):
+        if not os.path.exists(f"{d}/ox/{n}/checkpoints/0/ptm/metadata"):
             print(f"generating orbax {n}", file=sys.stderr)
             gen_orbax(f"{d}/ox/{n}", i)
+    if a.generate_only:
+        return 0
     st = {n: f"{d}/st/{n}" for n in names}
     ox = {n: f"{d}/ox/{n}" for n in names}
     res: dict[str, dict] = {}

@@ -20,17 +20,25 @@ import numpy as np  # noqa: E402
 from ptm.model.llama import ModelConfig, param_count  # noqa: E402
 
 CONFIGS = {
-    "tiny": dict(vocab_size=259, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384),
-    "small_20m": dict(vocab_size=32000, embed_dim=256, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32,
-                      mlp_dim=768),
+    "tiny": dict(
+        vocab_size=259, embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=384
+    ),
+    "small_20m": dict(
+        vocab_size=32000, embed_dim=256, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768
+    ),
 }
 
 
 def batch(cfg: ModelConfig, b: int, s: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     toks = rng.integers(0, cfg.vocab_size, (b, s + 1), dtype=np.int32)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((b, s), np.float32),
-            "segment_ids": np.ones((b, s), np.int32), "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1))}
+    return {
+        "inputs": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "loss_mask": np.ones((b, s), np.float32),
+        "segment_ids": np.ones((b, s), np.int32),
+        "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+    }
 
 
 def bench_ptm(cfg: ModelConfig, data: dict, steps: int) -> float:
@@ -58,10 +66,19 @@ def bench_torch(cfg: ModelConfig, data: dict, steps: int) -> float | None:
     except ImportError:
         return None
     torch.set_num_threads(os.cpu_count() or 1)
-    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, intermediate_size=cfg.mlp_dim,
-                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                     num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
-                     rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.embed_dim,
+        intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     model = LlamaForCausalLM(hf).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = torch.from_numpy(data["inputs"].astype(np.int64))
@@ -97,8 +114,10 @@ def main() -> None:
         p = bench_ptm(cfg, data, args.steps)
         t = bench_torch(cfg, data, args.steps)
         ratio = f"{p / t:.2f}" if t else "n/a"
-        print(f"{name:<10} {param_count(cfg) / 1e6:>7.1f}M {p:>10.0f} {t or float('nan'):>12.0f} {ratio:>9}",
-              flush=True)
+        print(
+            f"{name:<10} {param_count(cfg) / 1e6:>7.1f}M {p:>10.0f} {t or float('nan'):>12.0f} {ratio:>9}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 from ptm.errors import ConfigError, DataError, PtmError
 
 FORMAT = "ptm-toy-suite"
-VERSION = 1
+VERSION = 2  # 2: easier general tasks and coding (learnable by a ~0.5M model in minutes)
 MAX_CONTENT_BYTES = 96  # user + assistant content of one example (or one pretraining text)
 EVAL_SPLITS = ("validation", "test")
 DEFAULT_SIZES = {"pretrain": 8000, "general": 4000, "science": 900, "safety": 1000, "coding": 2200,
@@ -104,9 +104,7 @@ SCI_RESULTS = ("rose", "fell", "doubled", "stayed flat", "halved")
 SCI_ABSTRACTS = (
     "We measured the {q} of {s} with {m}. The {q} {r}.",
     "Using {m}, we tracked the {q} of {s}. It {r}.",
-    "This study used {m} on {s}. Their {q} {r}.",
     "The {q} of {s} {r} when tested with {m}.",
-    "We study {s}. With {m}, its {q} {r}.",
 )
 SCI_QUESTIONS = {  # field of the abstract -> question templates
     "q": ("What was measured?", "Which quantity was measured?"),
@@ -269,25 +267,31 @@ def _letters(rng: random.Random, lo: int, hi: int, distinct: bool = False) -> st
     return "".join(rng.sample(abc, k) if distinct else rng.choices(abc, k=k))
 
 
+# Small alphabets keep the in-context tasks learnable by a tiny model in a few hundred steps (v1 used the
+# whole alphabet and up to 6 letters / 4 words: theta_G stayed near 0 on them).
+COPY_WORDS = COLOURS + PETS + CITIES
+SMALL_ABC = "abcdefgh"
+
+
 def gen_copy(rng: random.Random, world: World) -> Example:
-    words = [rng.choice(NAMES + CITIES + COLOURS + PETS) for _ in range(rng.randint(2, 4))]
+    words = [rng.choice(COPY_WORDS) for _ in range(rng.randint(1, 2))]
     x = " ".join(words)
     return rng.choice(COPY_PROMPTS).format(x=x), x, {}
 
 
 def gen_reverse(rng: random.Random, world: World) -> Example:
-    x = _letters(rng, 3, 6)
-    return rng.choice(REVERSE_PROMPTS).format(x=x), x[::-1], {}
+    x = rng.choices(SMALL_ABC, k=rng.randint(3, 4))
+    return rng.choice(REVERSE_PROMPTS).format(x=" ".join(x)), " ".join(reversed(x)), {}
 
 
 def gen_sort(rng: random.Random, world: World) -> Example:
-    x = list(_letters(rng, 3, 5, distinct=True))
+    x = rng.sample(SMALL_ABC, rng.randint(3, 4))
     return rng.choice(SORT_PROMPTS).format(x=" ".join(x)), " ".join(sorted(x)), {}
 
 
 def gen_lookup(rng: random.Random, world: World) -> Example:
-    names = rng.sample(NAMES, rng.randint(3, 4))
-    scores = [rng.randint(0, 99) for _ in names]
+    names = rng.sample(NAMES, 2)
+    scores = [rng.randint(10, 49) for _ in names]
     who = rng.randrange(len(names))
     facts = ", ".join(f"{n} scored {s}" for n, s in zip(names, scores, strict=True))
     prompt = f"{facts}. {rng.choice(LOOKUP_QUESTIONS).format(n=names[who])}"
@@ -355,12 +359,12 @@ def safety_train_generators(seed: int) -> dict[str, Callable[[random.Random, Wor
 
 
 def gen_coding(rng: random.Random, world: World) -> Example:
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     text, op = rng.choice(CODE_STEP1)
     spec, program = text.format(a=a, b=b), f"({op} {a} {b})"
-    if rng.random() < 0.5:
+    if rng.random() < 0.3:
         text, op, c = rng.choice(CODE_STEP2)
-        c = rng.randint(0, 20) if c is None else c
+        c = rng.randint(0, 9) if c is None else c
         spec, program = spec + text.format(c=c), f"({op} {program} {c})"
     meta = {"checker": CHECKER, "steps": program.count("(")}
     return rng.choice(CODE_PROMPTS).format(x=spec), program, meta

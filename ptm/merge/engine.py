@@ -216,6 +216,30 @@ class _Combiner:
         self.check_finite = not all(j.recipe.allow_nonfinite for j in plan.jobs)
         self.stats: dict[tuple[int, str], dict[str, Any]] = {}
         self._bufs = [np.empty(BLOCK, np.float32) for _ in plan.stores]
+        # Task vectors (skill - pre) shared by every task-arithmetic job of a sweep: computed once per block.
+        self._tau_bufs: dict[tuple[int, int], np.ndarray] = {}
+        self._tmp = np.empty(BLOCK, np.float32)
+
+    def _task_arithmetic(self, roles, w: list[float], bufs: list[np.ndarray], taus: dict, m: int) -> np.ndarray:
+        """Bit-identical to methods.task_arithmetic (anchor + w_0 tau_0 + w_1 tau_1 ..., same rounding order),
+        but each tau = skill - pre is computed once per block for all jobs (a sweep) instead of once per job.
+        """
+        pre = roles["pre"]
+        out = self._tmp[:m]
+        for k, (si, wk) in enumerate(zip(roles["skills"], w, strict=True)):
+            key = (si, pre)
+            if key not in taus:
+                buf = self._tau_bufs.setdefault(key, np.empty(BLOCK, np.float32))[:m]
+                np.subtract(bufs[si], bufs[pre], out=buf)
+                taus[key] = buf
+            if k == 0:
+                np.multiply(taus[key], np.float32(wk), out=out)
+                np.add(bufs[roles.get("general", pre)], out, out=out)  # anchor + w tau (addition commutes)
+            else:
+                out += np.float32(wk) * taus[key]
+        if not roles["skills"]:
+            out[...] = bufs[roles.get("general", pre)]
+        return out
 
     def tensor_stats(self, name: str) -> None:
         """Per-tensor statistics (TIES thresholds) over the *whole* tensor, so every shard uses the same
@@ -287,7 +311,11 @@ class _Combiner:
                         else np.zeros(1, np.uint64)
                     )
 
+                taus: dict[tuple[int, int], np.ndarray] = {}
                 for ji, j in enumerate(self.plan.jobs):
+                    if j.method.fn is M.task_arithmetic:
+                        dst[ji][j0:j1] = self._task_arithmetic(j.roles, ws[ji], bufs, taus, m)
+                        continue
                     x = {
                         k: ([bufs[i] for i in v] if isinstance(v, list) else bufs[v])
                         for k, v in j.roles.items()

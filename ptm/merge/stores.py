@@ -190,7 +190,10 @@ class OrbaxStore(InputStore):
             # decode the whole chunk again. Keep one decoded chunk per input (memory: its largest tensor).
             import tensorstore as ts
 
-            self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": int(biggest * 1.05) + (1 << 20)}})
+            # Chunked inputs (ptm training checkpoints: <= 64 MiB chunks): room for two chunks, as a piece may
+            # straddle a chunk boundary; an unchunked foreign input costs its largest decoded tensor.
+            limit = int(biggest * 1.05) + (1 << 20) + (biggest if biggest <= 64 << 20 else 0)
+            self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": limit}})
             self._handles = {}
         return self._infos
 
@@ -584,10 +587,25 @@ class SafetensorsWriter(OutputWriter):
             fh.truncate(self._size)
 
     def open(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self._by = {i.name: i for i in self.infos}
         self._fd = os.open(self._file, os.O_RDWR)
+        # Writes go to one background thread (pwrite releases the GIL), so writing overlaps with combining;
+        # at most 4 pieces queued bounds the memory (as for Orbax outputs).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptm-st-write")
+        self._pending: list[Any] = []
 
     def write(self, name: str, index: Index, arr: np.ndarray) -> None:
+        self._pending.append(self._pool.submit(self._write, name, index, arr))
+        if len(self._pending) > 4:
+            self._pending.pop(0).result()
+
+    def flush(self) -> None:
+        while getattr(self, "_pending", None):
+            self._pending.pop(0).result()
+
+    def _write(self, name: str, index: Index, arr: np.ndarray) -> None:
         info = self._by[name]
         start = len(self._head) + self._offsets[name]
         shape = info.shape
@@ -610,6 +628,8 @@ class SafetensorsWriter(OutputWriter):
         del mm
 
     def commit(self, meta: dict[str, Any], is_leader: bool) -> None:
+        self.flush()
+        self._pool.shutdown()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
@@ -632,6 +652,9 @@ class SafetensorsWriter(OutputWriter):
             os.rename(self.work, self.path)
 
     def abort(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # no thread may write after the fd closes
+            self._pending = []
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None

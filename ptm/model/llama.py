@@ -51,7 +51,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in _REMAT_POLICIES:
@@ -70,8 +72,16 @@ class ModelConfig:
 
     # Fields that change the parameter tree (resuming or merging across a change in these is an error).
     def shape_dict(self) -> dict[str, Any]:
-        keys = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-                "tie_embeddings")
+        keys = (
+            "vocab_size",
+            "embed_dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "tie_embeddings",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -79,7 +89,9 @@ def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init, cfg: ModelConfig):
+def _param(
+    module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init, cfg: ModelConfig
+):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
 
 
@@ -138,12 +150,15 @@ class Attention(nn.Module):
             k_idx = jnp.arange(s)
             new_cache = None
         else:
-            keys = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
-                                                       cache_index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
-                                                         cache_index, axis=1)
-            key_seg = jax.lax.dynamic_update_slice_in_dim(layer_cache["segment_ids"], segment_ids, cache_index,
-                                                          axis=1)
+            keys = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1
+            )
+            values = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1
+            )
+            key_seg = jax.lax.dynamic_update_slice_in_dim(
+                layer_cache["segment_ids"], segment_ids, cache_index, axis=1
+            )
             new_cache = {"k": keys, "v": values, "segment_ids": key_seg}
             keys, values = keys.astype(dt), values.astype(dt)
             q_idx = cache_index + jnp.arange(s)
@@ -229,8 +244,14 @@ class Embed(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
-        self.embedding = _param(self, "embedding", (self.cfg.vocab_size, self.cfg.embed_dim), ("vocab", "embed"),
-                                nn.initializers.normal(stddev=1.0), self.cfg)
+        self.embedding = _param(
+            self,
+            "embedding",
+            (self.cfg.vocab_size, self.cfg.embed_dim),
+            ("vocab", "embed"),
+            nn.initializers.normal(stddev=1.0),
+            self.cfg,
+        )
 
     def __call__(self, tokens):
         x = jnp.take(self.embedding, tokens, axis=0).astype(_dtype(self.cfg.dtype))
@@ -246,8 +267,14 @@ class LmHead(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        kernel = _param(self, "kernel", (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
-                        _dense_init(cfg.embed_dim), cfg)
+        kernel = _param(
+            self,
+            "kernel",
+            (cfg.embed_dim, cfg.vocab_size),
+            ("embed", "vocab"),
+            _dense_init(cfg.embed_dim),
+            cfg,
+        )
         return jnp.einsum("bse,ev->bsv", x, kernel.astype(_dtype(cfg.dtype)))
 
 
@@ -290,8 +317,9 @@ def logical_axes(config: ModelConfig) -> Params:
     return nn.get_partition_spec(boxed)
 
 
-def forward(params: Params, config: ModelConfig, inputs: jax.Array, positions: jax.Array,
-            segment_ids: jax.Array) -> jax.Array:
+def forward(
+    params: Params, config: ModelConfig, inputs: jax.Array, positions: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
     """Logits [B, S, V] in float32. Attention stays within a segment; segment 0 is padding."""
     logits, _ = Transformer(config).apply({"params": params}, inputs, positions, segment_ids)
     return logits
@@ -308,8 +336,15 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: str | 
     }
 
 
-def forward_with_cache(params: Params, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-                       segment_ids: jax.Array, cache: Params, cache_index: jax.Array) -> tuple[jax.Array, Params]:
+def forward_with_cache(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    cache: Params,
+    cache_index: jax.Array,
+) -> tuple[jax.Array, Params]:
     """Run T new tokens [B, T] written at cache slots [cache_index, cache_index+T); returns (logits, cache)."""
     logits, new_cache = Transformer(config).apply(
         {"params": params}, tokens, positions, segment_ids, cache, jnp.asarray(cache_index, jnp.int32)

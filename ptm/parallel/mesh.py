@@ -89,8 +89,11 @@ def logical_to_sharding(logical: PartitionSpec, mesh: Mesh, rules: Rules = DEFAU
 
 def tree_shardings(logical_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """Map a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return jax.tree.map(lambda spec: logical_to_sharding(spec, mesh, rules), logical_tree,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda spec: logical_to_sharding(spec, mesh, rules),
+        logical_tree,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def param_shardings(model_config, mesh: Mesh, rules: Rules = DEFAULT_RULES):
@@ -107,7 +110,9 @@ def param_shardings(model_config, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 
 def _fit(leaf, sh: NamedSharding) -> NamedSharding:
     spec = []
-    for dim, axes in zip(leaf.shape, tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec)), strict=True):
+    for dim, axes in zip(
+        leaf.shape, tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec)), strict=True
+    ):
         names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         n = math.prod(sh.mesh.shape[a] for a in names)
         spec.append(axes if n and dim % n == 0 else None)

@@ -53,9 +53,23 @@ class GcsEmulator:
             os.environ.setdefault(k, v)
         log = open(Path(self._root) / "server.log", "ab")
         self._proc = subprocess.Popen(
-            [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root",
-             self._root, "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url],
-            stdout=log, stderr=log,
+            [
+                str(_get_binary_path()),
+                "-scheme",
+                "http",
+                "-backend",
+                "filesystem",
+                "-filesystem-root",
+                self._root,
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-external-url",
+                self.url,
+            ],
+            stdout=log,
+            stderr=log,
         )
         deadline = time.monotonic() + 15
         while True:

@@ -38,8 +38,19 @@ class RunCheckpointer:
     def save(self, step: int, state: dict, data_iter, meta: dict[str, Any], *, force: bool = False) -> bool:
         if not force and step % self.save_every:
             return False
+        def save_args(path, x, limit=64 << 20):
+            # Arrays over 64 MiB are stored in chunks of <= 64 MiB so readers (the merge engine) can fetch and
+            # decode pieces; stacked `layers` arrays are cut one layer per chunk first (axis 0). Smaller arrays
+            # keep one chunk. Storage layout only: restore (and exact resume) read any chunking.
+            if x.size * x.dtype.itemsize <= limit:
+                return ocp.SaveArgs()
+            stacked = x.ndim > 1 and any(getattr(k, "key", None) == "layers" for k in path)
+            return ocp.SaveArgs(chunk_byte_size=limit, shard_axes=(0,) if stacked else ())
+
         args = {
-            "params": ocp.args.StandardSave(state["params"]),
+            "params": ocp.args.StandardSave(
+                state["params"], save_args=jax.tree_util.tree_map_with_path(save_args, state["params"])
+            ),
             "opt_state": ocp.args.StandardSave(state["opt_state"]),
             "ptm": ocp.args.JsonSave(meta),
         }
@@ -98,8 +109,11 @@ def load_params(path: str | epath.Path, shardings=None, *, model_config: ModelCo
     ckptr = ocp.StandardCheckpointer()
     if shardings is None:  # everything on the first local device
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: dev, _meta_tree(ckptr, ref.params_path),
-                                 is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+        shardings = jax.tree.map(
+            lambda _: dev,
+            _meta_tree(ckptr, ref.params_path),
+            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+        )
     try:
         params = ckptr.restore(ref.params_path, _abstract_from_meta(ckptr, ref.params_path, shardings))
     except Exception as e:
@@ -118,5 +132,9 @@ def _meta_tree(ckptr, params_path):
 
 def _abstract_from_meta(ckptr, params_path, shardings):
     tree = _meta_tree(ckptr, params_path)
-    return jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings,
-                        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return jax.tree.map(
+        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+        tree,
+        shardings,
+        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+    )

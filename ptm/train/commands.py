@@ -9,7 +9,8 @@ from ptm.errors import ConfigError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train", help="train a model (pretrain / sft / skill / cft / rt) from gin files",
+        "train",
+        help="train a model (pretrain / sft / skill / cft / rt) from gin files",
         description="Train from gin files. Example: ptm train --gin_file=models/tiny.gin --gin_file=meshes/cpu.gin "
         "--gin_file=runs/sft.gin --gin.TRAIN_DATA=\"'data.jsonl'\" --run_dir=runs/x. Extra --gin.NAME=VALUE "
         "flags are gin bindings; later files and flags win.",
@@ -22,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import gin
-
     from ptm import config
 
     bindings = list(getattr(args, "gin_bindings", []))
@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         if "run_dir" in str(e) or "data" in str(e):
             raise ConfigError(f"missing required binding: {e} (e.g. --run_dir, DataConfig.sources)") from e
         raise
-    print(f"ptm train: done, {result.steps} steps, final loss {result.final_loss}, "
-          f"{result.wall_seconds:.1f}s -> {result.run_dir}")
+    print(
+        f"ptm train: done, {result.steps} steps, final loss {result.final_loss}, "
+        f"{result.wall_seconds:.1f}s -> {result.run_dir}"
+    )
     return 0

@@ -45,9 +45,9 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 def train(
     run_dir: str,
     data: DataConfig,
-    model: ModelConfig = ModelConfig(),
-    optimizer: OptimizerConfig = OptimizerConfig(),
-    mesh: MeshConfig = MeshConfig(),
+    model: ModelConfig = ModelConfig(),  # noqa: B008 (frozen dataclass)
+    optimizer: OptimizerConfig = OptimizerConfig(),  # noqa: B008
+    mesh: MeshConfig = MeshConfig(),  # noqa: B008
     rules: Rules = DEFAULT_RULES,
     tokenizer: str = "byte",
     init_from: str | None = None,
@@ -79,7 +79,9 @@ def train(
 
     tok = load_tokenizer(tokenizer)
     if model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model vocab_size={model.vocab_size} < tokenizer {tokenizer!r} vocab {tok.vocab_size}")
+        raise ConfigError(
+            f"model vocab_size={model.vocab_size} < tokenizer {tokenizer!r} vocab {tok.vocab_size}"
+        )
 
     data_iter, stats = build_train_data(data, tok, process_index=pidx, process_count=pcount)
     total_steps = stats.num_batches
@@ -121,20 +123,36 @@ def train(
         if config_text is not None:
             (out / "config.gin").write_text(config_text)
         n_params = param_count(model)
-        print(f"ptm train: {out} | {n_params / 1e6:.2f}M params | mesh {dict(device_mesh.shape)} | "
-              f"{stats.examples} examples, {total_steps} steps"
-              + (f" | resumed at step {start}" if resumed_from is not None else "")
-              + (f" | init from {init_from}" if init_from and resumed_from is None else ""), flush=True)
+        print(
+            f"ptm train: {out} | {n_params / 1e6:.2f}M params | mesh {dict(device_mesh.shape)} | "
+            f"{stats.examples} examples, {total_steps} steps"
+            + (f" | resumed at step {start}" if resumed_from is not None else "")
+            + (f" | init from {init_from}" if init_from and resumed_from is None else ""),
+            flush=True,
+        )
 
     def meta_at(step: int) -> dict:
         return ckpt_format.make_meta(
-            model.to_dict(), step, data={"train_examples": stats.examples, **stats.seen(step)},
-            provenance={"init_from": init_from, "sources": [asdict(s) for s in data.sources],
-                        "total_steps": total_steps}, tokenizer=tokenizer)
+            model.to_dict(),
+            step,
+            data={"train_examples": stats.examples, **stats.seen(step)},
+            provenance={
+                "init_from": init_from,
+                "sources": [asdict(s) for s in data.sources],
+                "total_steps": total_steps,
+            },
+            tokenizer=tokenizer,
+        )
 
     bsh = batch_sharding(device_mesh, rules)
-    logger = MetricsLogger(str(out / "tensorboard") if is_main else None, total_steps, start,
-                           enabled=is_main, progress=progress, jsonl_path=str(out / "metrics.jsonl"))
+    logger = MetricsLogger(
+        str(out / "tensorboard") if is_main else None,
+        total_steps,
+        start,
+        enabled=is_main,
+        progress=progress,
+        jsonl_path=str(out / "metrics.jsonl"),
+    )
     fpt = flops_per_token(model, data.seq_len)
     peak = peak_flops_per_device()
     end = total_steps if stop_after_steps is None else min(total_steps, start + int(stop_after_steps))
@@ -168,12 +186,26 @@ def train(
         logger.close()
 
     wall = time.perf_counter() - t0
-    result = TrainResult(run_dir=str(out), steps=end, resumed_from=resumed_from, final_loss=last_loss,
-                         wall_seconds=wall, data={"train_examples": stats.examples, **stats.seen(end),
-                                                  "total_steps": total_steps, **_stats_summary(stats)})
+    result = TrainResult(
+        run_dir=str(out),
+        steps=end,
+        resumed_from=resumed_from,
+        final_loss=last_loss,
+        wall_seconds=wall,
+        data={
+            "train_examples": stats.examples,
+            **stats.seen(end),
+            "total_steps": total_steps,
+            **_stats_summary(stats),
+        },
+    )
     if is_main and end == total_steps:
-        (out / "run.json").write_text(json.dumps({"complete": True, **asdict(result),
-                                                  "model": model.to_dict(), "tokenizer": tokenizer}, indent=1))
+        (out / "run.json").write_text(
+            json.dumps(
+                {"complete": True, **asdict(result), "model": model.to_dict(), "tokenizer": tokenizer},
+                indent=1,
+            )
+        )
     return result
 
 
@@ -185,10 +217,18 @@ def _hashable_rules(rules) -> tuple:
 def _train_step_for(model, optimizer, mesh, rules, grad_accum_steps, loss_normalization):
     """One jitted step per (model, optimizer config, mesh, ...): the schedule lives in the optimizer state, so runs
     of different lengths in one process (e.g. `ptm experiment`) reuse the traced and compiled step."""
-    return jit_train_step(model, make_optimizer(optimizer, 1), mesh, rules, grad_accum_steps=grad_accum_steps,
-                          loss_normalization=loss_normalization)
+    return jit_train_step(
+        model,
+        make_optimizer(optimizer, 1),
+        mesh,
+        rules,
+        grad_accum_steps=grad_accum_steps,
+        loss_normalization=loss_normalization,
+    )
 
 
 def _stats_summary(stats) -> dict:
     d = stats.to_dict()
-    return {k: d[k] for k in ("skipped", "truncated", "dropped", "packed_rows", "packing_efficiency") if k in d}
+    return {
+        k: d[k] for k in ("skipped", "truncated", "dropped", "packed_rows", "packing_efficiency") if k in d
+    }

@@ -8,7 +8,6 @@ import time
 
 import jax
 
-
 # Peak dense bf16 FLOP/s per JAX device, for the MFU estimate (None = unknown, e.g. CPU).
 PEAK_FLOPS = {
     "TPU v3": 61.5e12,  # 123 TFLOP/s per chip, 2 cores (= 2 JAX devices) per chip
@@ -29,8 +28,15 @@ def peak_flops_per_device() -> float | None:
 
 
 class MetricsLogger:
-    def __init__(self, log_dir: str | None, total_steps: int, start_step: int, enabled: bool = True,
-                 progress: bool = True, jsonl_path: str | None = None):
+    def __init__(
+        self,
+        log_dir: str | None,
+        total_steps: int,
+        start_step: int,
+        enabled: bool = True,
+        progress: bool = True,
+        jsonl_path: str | None = None,
+    ):
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -49,8 +55,14 @@ class MetricsLogger:
         from tqdm import tqdm
 
         if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stderr,
-                            dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=1.0,
+            )
         self._t = time.perf_counter()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -63,8 +75,9 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{k}", v, step)
         if self.bar is not None:
             short = {k: metrics[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if k in metrics}
-            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in short.items()},
-                                 refresh=False)
+            self.bar.set_postfix(
+                {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in short.items()}, refresh=False
+            )
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -60,10 +60,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
         if cfg.grad_clip_norm and cfg.grad_clip_norm > 0:
             parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
         sched = lambda count: _warmup_linear_decay(count, learning_rate, warmup, total)
-        parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                 mask=decay_mask))
+        parts.append(
+            optax.adamw(
+                sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+            )
+        )
         return optax.chain(*parts)
 
     return optax.inject_hyperparams(chain)(
-        learning_rate=float(cfg.learning_rate), warmup=float(warmup_steps(cfg, total_steps)),
-        total=float(max(int(total_steps), 1)))
+        learning_rate=float(cfg.learning_rate),
+        warmup=float(warmup_steps(cfg, total_steps)),
+        total=float(max(int(total_steps), 1)),
+    )

@@ -26,8 +26,13 @@ def token_losses(params, cfg: ModelConfig, batch: dict[str, jax.Array]) -> tuple
     return losses, batch["loss_mask"].astype(jnp.float32)
 
 
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    loss_normalization: str = "token_mean") -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int = 1,
+    loss_normalization: str = "token_mean",
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Build `step(state, batch) -> (state, metrics)` for a global batch [B, S] split into `grad_accum_steps`.
 
     loss_normalization (it changes results; see docs/training.md):
@@ -82,9 +87,11 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *
 def _opt_state_shardings(opt_abstract, params_abstract, p_shard, mesh: Mesh):
     """Optimizer-state leaves that mirror a parameter get its sharding; everything else is replicated."""
     by_path = {}
-    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params_abstract)[0],
-                                jax.tree.leaves(p_shard, is_leaf=lambda x: isinstance(x, NamedSharding)),
-                                strict=True):
+    for (path, leaf), sh in zip(
+        jax.tree_util.tree_flatten_with_path(params_abstract)[0],
+        jax.tree.leaves(p_shard, is_leaf=lambda x: isinstance(x, NamedSharding)),
+        strict=True,
+    ):
         by_path[jax.tree_util.keystr(path)] = (leaf.shape, sh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -98,8 +105,9 @@ def _opt_state_shardings(opt_abstract, params_abstract, p_shard, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
-def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+def state_shardings(
+    cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> tuple[TrainState, TrainState]:
     """(abstract state as ShapeDtypeStructs carrying shardings, tree of shardings) — no memory allocated."""
     params_abs = abstract_params(cfg)
     p_shard = param_shardings(cfg, mesh, rules)
@@ -107,12 +115,15 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, m
     o_shard = _opt_state_shardings(opt_abs, params_abs, p_shard, mesh)
     shardings = {"step": NamedSharding(mesh, PartitionSpec()), "params": p_shard, "opt_state": o_shard}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_abs, "opt_state": opt_abs}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     return abstract, shardings
 
 
-def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   rules: Rules = DEFAULT_RULES, **kw):
+def jit_train_step(
+    cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules: Rules = DEFAULT_RULES, **kw
+):
     """The step jitted with explicit in/out shardings and the state donated."""
     _, shardings = state_shardings(cfg, optimizer, mesh, rules)
     bsh = batch_sharding(mesh, rules)
@@ -129,8 +140,14 @@ def jit_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, me
     return run
 
 
-def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int,
-               rules: Rules = DEFAULT_RULES, params=None) -> TrainState:
+def init_state(
+    cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    seed: int,
+    rules: Rules = DEFAULT_RULES,
+    params=None,
+) -> TrainState:
     """A fresh sharded state; `params` (e.g. from another run) replaces the random init."""
     from ptm.model.llama import init_params
 
@@ -143,5 +160,7 @@ def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: 
     if params is None:
         return jax.jit(make, out_shardings=shardings)(jax.random.key(seed))
     params = jax.device_put(params, shardings["params"])
-    return jax.jit(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
-                   out_shardings=shardings)(params)
+    return jax.jit(
+        lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": optimizer.init(p)},
+        out_shardings=shardings,
+    )(params)

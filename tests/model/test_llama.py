@@ -14,8 +14,16 @@ from ptm.model.llama import (
     param_count,
 )
 
-CFG = ModelConfig(dtype="float32", vocab_size=61, embed_dim=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=48)
+CFG = ModelConfig(
+    dtype="float32",
+    vocab_size=61,
+    embed_dim=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=48,
+)
 
 EXPECTED = {
     "embed.embedding": ((61, 32), ("vocab", "embed")),
@@ -35,8 +43,9 @@ EXPECTED = {
 
 def _flat(tree):
     out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(
-            x, jax.sharding.PartitionSpec))[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )[0]:
         out[".".join(p.key for p in path)] = leaf
     return out
 
@@ -105,7 +114,9 @@ def test_kv_cache_decoding_equals_full_recomputation_with_left_padding():
     logits, cache = forward_with_cache(p, CFG, toks[:, :6], pos[:, :6], seg[:, :6], cache, 0)
     outs = [logits]
     for t in range(6, 10):
-        lt, cache = forward_with_cache(p, CFG, toks[:, t:t + 1], pos[:, t:t + 1], seg[:, t:t + 1], cache, t)
+        lt, cache = forward_with_cache(
+            p, CFG, toks[:, t : t + 1], pos[:, t : t + 1], seg[:, t : t + 1], cache, t
+        )
         outs.append(lt)
     inc = jnp.concatenate(outs, axis=1)
     np.testing.assert_allclose(inc[0, 3:], full[0, 3:], rtol=1e-4, atol=1e-4)
@@ -131,8 +142,9 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     for k in ("wk", "wv"):
         p2["layers"]["attention"][k] = jnp.repeat(p["layers"]["attention"][k], g, axis=2)
     toks, pos, seg = _inputs()
-    np.testing.assert_allclose(forward(p2, mha, toks, pos, seg), forward(p, CFG, toks, pos, seg),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        forward(p2, mha, toks, pos, seg), forward(p, CFG, toks, pos, seg), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_invalid_config_is_rejected():

@@ -7,8 +7,16 @@ from ptm.data.pipeline import DataConfig, SourceConfig
 from ptm.model.llama import ModelConfig
 from ptm.train.optimizer import OptimizerConfig
 
-TINY = ModelConfig(vocab_size=259, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                   mlp_dim=64, dtype="float32")
+TINY = ModelConfig(
+    vocab_size=259,
+    embed_dim=32,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    mlp_dim=64,
+    dtype="float32",
+)
 
 
 def write_reverse_task(path, n=64, seed=0):
@@ -16,8 +24,17 @@ def write_reverse_task(path, n=64, seed=0):
     with open(path, "w") as f:
         for _ in range(n):
             a = "".join(r.choice("abcd") for _ in range(r.randint(2, 5)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"rev {a}"},
-                                             {"role": "assistant", "content": a[::-1]}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"rev {a}"},
+                            {"role": "assistant", "content": a[::-1]},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return str(path)
 
 

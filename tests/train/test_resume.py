@@ -16,17 +16,35 @@ from ptm.train.checkpoint import load_params
 from .conftest import write_reverse_task
 
 TINY_FLAGS = [
-    "--gin_file=models/tiny.gin", "--gin_file=meshes/cpu.gin", "--gin_file=runs/sft.gin", "--gin_file=runs/toy.gin",
-    "--gin.BASE_CKPT=None", "--gin.ModelConfig.embed_dim=32", "--gin.ModelConfig.num_heads=2",
-    "--gin.ModelConfig.num_kv_heads=1", "--gin.ModelConfig.head_dim=16", "--gin.ModelConfig.mlp_dim=64",
-    "--gin.ModelConfig.dtype='float32'", "--gin.DataConfig.seq_len=48", "--gin.DataConfig.global_batch_size=8",
-    "--gin.DataConfig.num_epochs=3", "--gin.train.save_every=3", "--gin.train.log_every=1",
+    "--gin_file=models/tiny.gin",
+    "--gin_file=meshes/cpu.gin",
+    "--gin_file=runs/sft.gin",
+    "--gin_file=runs/toy.gin",
+    "--gin.BASE_CKPT=None",
+    "--gin.ModelConfig.embed_dim=32",
+    "--gin.ModelConfig.num_heads=2",
+    "--gin.ModelConfig.num_kv_heads=1",
+    "--gin.ModelConfig.head_dim=16",
+    "--gin.ModelConfig.mlp_dim=64",
+    "--gin.ModelConfig.dtype='float32'",
+    "--gin.DataConfig.seq_len=48",
+    "--gin.DataConfig.global_batch_size=8",
+    "--gin.DataConfig.num_epochs=3",
+    "--gin.train.save_every=3",
+    "--gin.train.log_every=1",
 ]
 
 
 def _cmd(data, run_dir):
-    return [sys.executable, "-m", "ptm.cli", "train", *TINY_FLAGS, f"--gin.GENERAL_DATA='{data}'",
-            f"--run_dir={run_dir}"]
+    return [
+        sys.executable,
+        "-m",
+        "ptm.cli",
+        "train",
+        *TINY_FLAGS,
+        f"--gin.GENERAL_DATA='{data}'",
+        f"--run_dir={run_dir}",
+    ]
 
 
 def _losses(run_dir):

@@ -17,8 +17,15 @@ from .conftest import OPT, TINY, data_config
 
 
 def test_loss_decreases_and_run_records_its_data(tmp_path, reverse_data):
-    res = train(str(tmp_path / "run"), data_config(reverse_data, num_epochs=4), model=TINY, optimizer=OPT,
-                save_every=1000, log_every=1, progress=False)
+    res = train(
+        str(tmp_path / "run"),
+        data_config(reverse_data, num_epochs=4),
+        model=TINY,
+        optimizer=OPT,
+        save_every=1000,
+        log_every=1,
+        progress=False,
+    )
     events = list((tmp_path / "run" / "tensorboard").iterdir())
     assert events, "tensorboard event files are written"
     run = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -33,11 +40,22 @@ def test_loss_decreases_and_run_records_its_data(tmp_path, reverse_data):
 
 
 def test_init_from_loads_params_only_and_fresh_optimizer(tmp_path, reverse_data):
-    first = train(str(tmp_path / "a"), data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT,
-                  progress=False)
+    first = train(
+        str(tmp_path / "a"),
+        data_config(reverse_data, num_epochs=1),
+        model=TINY,
+        optimizer=OPT,
+        progress=False,
+    )
     pa, _ = load_params(tmp_path / "a")
-    res = train(str(tmp_path / "b"), data_config(reverse_data, num_epochs=1), model=TINY,
-                optimizer=OPT.__class__(learning_rate=0.0), init_from=str(tmp_path / "a"), progress=False)
+    res = train(
+        str(tmp_path / "b"),
+        data_config(reverse_data, num_epochs=1),
+        model=TINY,
+        optimizer=OPT.__class__(learning_rate=0.0),
+        init_from=str(tmp_path / "a"),
+        progress=False,
+    )
     pb, meta = load_params(tmp_path / "b")
     assert meta["provenance"]["init_from"] == str(tmp_path / "a")
     assert res.steps == first.steps
@@ -50,10 +68,26 @@ def test_sharded_training_on_8_devices_matches_one_device(tmp_path, reverse_data
     assert jax.device_count() == 8
     dc = data_config(reverse_data, num_epochs=1)
     # Different layouts (pure fsdp vs data x fsdp x tensor), same math up to reduction order.
-    a = train(str(tmp_path / "a"), dc, model=TINY, optimizer=OPT, progress=False, log_every=1,
-              mesh=MeshConfig(data=1, fsdp=8, tensor=1), stop_after_steps=3)
-    b = train(str(tmp_path / "b"), dc, model=TINY, optimizer=OPT, progress=False, log_every=1,
-              mesh=MeshConfig(data=2, fsdp=2, tensor=2), stop_after_steps=3)
+    a = train(
+        str(tmp_path / "a"),
+        dc,
+        model=TINY,
+        optimizer=OPT,
+        progress=False,
+        log_every=1,
+        mesh=MeshConfig(data=1, fsdp=8, tensor=1),
+        stop_after_steps=3,
+    )
+    b = train(
+        str(tmp_path / "b"),
+        dc,
+        model=TINY,
+        optimizer=OPT,
+        progress=False,
+        log_every=1,
+        mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+        stop_after_steps=3,
+    )
     pa, _ = load_params(tmp_path / "a")
     pb, _ = load_params(tmp_path / "b")
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
@@ -63,8 +97,15 @@ def test_sharded_training_on_8_devices_matches_one_device(tmp_path, reverse_data
 
 def test_run_dir_on_gcs(gcs_bucket, reverse_data):
     run = f"{gcs_bucket}/runs/x"
-    res = train(run, data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT, progress=False,
-                save_every=2, stop_after_steps=4)
+    res = train(
+        run,
+        data_config(reverse_data, num_epochs=1),
+        model=TINY,
+        optimizer=OPT,
+        progress=False,
+        save_every=2,
+        stop_after_steps=4,
+    )
     assert res.steps == 4
     again = train(run, data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT, progress=False)
     assert again.resumed_from == 4
@@ -73,8 +114,14 @@ def test_run_dir_on_gcs(gcs_bucket, reverse_data):
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path, reverse_data):
-    train(str(tmp_path / "r"), data_config(reverse_data), model=TINY, optimizer=OPT, progress=False,
-          stop_after_steps=2)
+    train(
+        str(tmp_path / "r"),
+        data_config(reverse_data),
+        model=TINY,
+        optimizer=OPT,
+        progress=False,
+        stop_after_steps=2,
+    )
     bigger = ModelConfig(**{**TINY.to_dict(), "mlp_dim": 96})
     with pytest.raises(CheckpointError, match="mlp_dim: checkpoint 64 vs config 96"):
         train(str(tmp_path / "r"), data_config(reverse_data), model=bigger, optimizer=OPT, progress=False)
@@ -86,8 +133,14 @@ def test_init_from_something_that_is_not_a_checkpoint(tmp_path, reverse_data):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="not a ptm checkpoint"):
-        train(str(tmp_path / "r"), data_config(reverse_data), model=TINY, optimizer=OPT, progress=False,
-              init_from=str(tmp_path / "junk"))
+        train(
+            str(tmp_path / "r"),
+            data_config(reverse_data),
+            model=TINY,
+            optimizer=OPT,
+            progress=False,
+            init_from=str(tmp_path / "junk"),
+        )
 
 
 def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, reverse_data):
@@ -98,5 +151,10 @@ def test_vocab_smaller_than_tokenizer_is_refused(tmp_path, reverse_data):
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, reverse_data):
     with pytest.raises(ConfigError, match="data-parallel size 8"):
-        train(str(tmp_path / "r"), data_config(reverse_data, global_batch_size=4), model=TINY, optimizer=OPT,
-              progress=False)
+        train(
+            str(tmp_path / "r"),
+            data_config(reverse_data, global_batch_size=4),
+            model=TINY,
+            optimizer=OPT,
+            progress=False,
+        )
