@@ -68,6 +68,23 @@ def ptm_shapes() -> dict[str, tuple[int, ...]]:
     }
 
 
+def hf_config() -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
 def _rand(rng, shape):
     import ml_dtypes
 
@@ -200,6 +217,8 @@ def main() -> int:
         if not os.path.exists(f"{d}/ox/{n}/checkpoints/0/ptm/metadata"):
             print(f"generating orbax {n}", file=sys.stderr)
             gen_orbax(f"{d}/ox/{n}", i)
+        with open(f"{d}/st/{n}/config.json", "w") as f:
+            json.dump(hf_config(), f)  # mergekit reads the architecture from config.json
     if a.generate_only:
         return 0
     st = {n: f"{d}/st/{n}" for n in names}
@@ -209,75 +228,43 @@ def main() -> int:
     def clean(p):
         shutil.rmtree(p, ignore_errors=True)
 
+    def inputs(src):
+        return ["--pre", src["pre"], "--general", src["general"], "--skill", src["skill"]]
+
     for src in (st, ox):  # warm the page cache (the peer numbers in NOTES.md are warm-cache numbers)
         subprocess.run(
             ["cat", *[os.path.join(r, f) for v in src.values() for r, _, fs in os.walk(v) for f in fs]],
             stdout=subprocess.DEVNULL,
             check=True,
         )
-    common = ["--method", "task_arithmetic", "--omega", "0.3"]
-    clean(f"{d}/out-a")
-    res["a_ptm_safetensors"] = measure(
-        ptm_merge(
-            [
-                *common,
-                "--pre",
-                st["pre"],
-                "--general",
-                st["general"],
-                "--skill",
-                st["skill"],
-                "--out",
-                f"{d}/out-a",
-            ]
+    common = ["--method", "task_arithmetic", "--omega", "0.3", "--output-dtype", "bfloat16"]
+    if "a" in a.cases or "d" in a.cases:
+        clean(f"{d}/out-a")
+        res["a_ptm_safetensors"] = measure(ptm_merge([*common, *inputs(st), "--out", f"{d}/out-a"]))
+    if "b" in a.cases:
+        clean(f"{d}/out-b")
+        res["b_ptm_orbax"] = measure(ptm_merge([*common, *inputs(ox), "--out", f"{d}/out-b"]))
+        clean(f"{d}/out-b")
+    if "c" in a.cases:
+        sweep = ["0.1", "0.2", "0.3", "0.5", "1.0"]
+        for w in sweep:
+            clean(f"{d}/sweep-{w}")
+        res["c_ptm_sweep5_safetensors"] = measure(
+            ptm_merge(
+                [
+                    "--method",
+                    "task_arithmetic",
+                    "--sweep",
+                    ",".join(sweep),
+                    *inputs(st),
+                    "--out",
+                    f"{d}/sweep-{{omega}}",
+                ]
+            )
         )
-    )
-    clean(f"{d}/out-b")
-    res["b_ptm_orbax"] = measure(
-        ptm_merge(
-            [
-                *common,
-                "--pre",
-                ox["pre"],
-                "--general",
-                ox["general"],
-                "--skill",
-                ox["skill"],
-                "--out",
-                f"{d}/out-b",
-            ]
-        )
-    )
-    clean(f"{d}/out-b")
-    for i in range(5):
-        clean(f"{d}/sweep-{i}")
-    res["c_ptm_sweep5_safetensors"] = measure(
-        ptm_merge(
-            [
-                "--method",
-                "task_arithmetic",
-                "--sweep",
-                "0.1,0.2,0.3,0.5,1.0",
-                "--pre",
-                st["pre"],
-                "--general",
-                st["general"],
-                "--skill",
-                st["skill"],
-                "--out",
-                f"{d}/sweep-{{omega}}",
-            ]
-        )
-    )
-    for w in ("0.1", "0.2", "0.3", "0.5", "1.0"):
-        clean(f"{d}/sweep-{w}")
-    try:
-        import mergekit  # noqa: F401
-
-        have_mk = not a.skip_mergekit
-    except ImportError:
-        have_mk = False
-    if have_mk:
+        for w in sweep:
+            clean(f"{d}/sweep-{w}")
+    if "d" in a.cases and not a.skip_mergekit and shutil.which(a.mergekit):
         cfg = f"{d}/mergekit.yml"
         with open(cfg, "w") as f:
             f.write(
@@ -287,26 +274,30 @@ def main() -> int:
                 f"      weight: 1.0\n  - model: {st['skill']}\n    parameters:\n      weight: 0.3\n"
             )
         clean(f"{d}/out-mk")
-        res["d_mergekit"] = measure(["mergekit-yaml", cfg, f"{d}/out-mk", "--lazy-unpickle"])
-    clean(f"{d}/floor.bin")
-    res["e_io_floor"] = measure(
-        [
-            sys.executable,
-            __file__,
-            "--io-floor-child",
-            *[f"{st[n]}/model.safetensors" for n in names],
-            f"{d}/floor.bin",
-        ]
-    )
-    clean(f"{d}/floor.bin")
-    a_ = res["a_ptm_safetensors"]["wall_s"]
-    ratios = {
-        "sweep5 / one merge": res["c_ptm_sweep5_safetensors"]["wall_s"] / a_,
-        "one merge / io floor": a_ / res["e_io_floor"]["wall_s"],
-    }
-    if "d_mergekit" in res:
+        res["d_mergekit"] = measure([a.mergekit, cfg, f"{d}/out-mk", "--lazy-unpickle"])
+        res["d_agreement_ptm_vs_mergekit"] = agreement(f"{d}/out-a", f"{d}/out-mk")
+        clean(f"{d}/out-mk")
+    if "e" in a.cases:
+        clean(f"{d}/floor.bin")
+        res["e_io_floor"] = measure(
+            [
+                sys.executable,
+                __file__,
+                "--io-floor-child",
+                *[f"{st[n]}/model.safetensors" for n in names],
+                f"{d}/floor.bin",
+            ]
+        )
+        clean(f"{d}/floor.bin")
+    ratios = {}
+    a_ = res.get("a_ptm_safetensors", {}).get("wall_s")
+    if a_ and "c_ptm_sweep5_safetensors" in res:
+        ratios["sweep5 / one merge"] = res["c_ptm_sweep5_safetensors"]["wall_s"] / a_
+    if a_ and "e_io_floor" in res:
+        ratios["one merge / io floor"] = a_ / res["e_io_floor"]["wall_s"]
+    if a_ and "d_mergekit" in res:
         ratios["ptm / mergekit"] = a_ / res["d_mergekit"]["wall_s"]
-    print(json.dumps({"results": res, "ratios": ratios}, indent=1))
+    print(json.dumps({"load_avg": os.getloadavg(), "results": res, "ratios": ratios}, indent=1))
     clean(f"{d}/out-a")
     if not a.keep:
         shutil.rmtree(d, ignore_errors=True)

@@ -7,7 +7,9 @@ is a DataError naming `file:line` (JSONL, 1-based) or `file:row N` (Parquet, 1-b
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from etils import epath
 
@@ -62,19 +64,24 @@ def _check(rec, where: str) -> Example:
     return Example(messages=msgs, where=where)
 
 
+def iter_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[str, Any]]:
+    """Yield (`file:line`, parsed object) for each non-blank line; malformed JSON is a DataError naming file:line.
+
+    Shared by training data and eval sets so both report bad lines the same way.
+    """
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from e
+
+
 def _read_jsonl(f: epath.Path) -> list[Example]:
-    out = []
     with f.open("r") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{f}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from e
-            out.append(_check(rec, where))
-    return out
+        return [_check(rec, where) for where, rec in iter_jsonl(fh, str(f))]
 
 
 def _read_parquet(f: epath.Path) -> list[Example]:

@@ -108,17 +108,9 @@ def load_eval_file(path: str | epath.Path) -> list[EvalItem]:
         raise DataError(f"{p}: eval file not found") from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read eval file: {e}") from e
-    items = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-        items.append(parse_item(obj, where))
-    return items
+    from ptm.data.sources import iter_jsonl
+
+    return [parse_item(obj, where) for where, obj in iter_jsonl(text.splitlines(), str(p))]
 
 
 def _walk_jsonl(d: epath.Path) -> list[epath.Path]:

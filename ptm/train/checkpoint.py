@@ -38,11 +38,12 @@ class RunCheckpointer:
     def save(self, step: int, state: dict, data_iter, meta: dict[str, Any], *, force: bool = False) -> bool:
         if not force and step % self.save_every:
             return False
+
         def save_args(path, x, limit=64 << 20):
             # Arrays over 64 MiB are stored in chunks of <= 64 MiB so readers (the merge engine) can fetch and
             # decode pieces; stacked `layers` arrays are cut one layer per chunk first (axis 0). Smaller arrays
             # keep one chunk. Storage layout only: restore (and exact resume) read any chunking.
-            if x.size * x.dtype.itemsize <= limit:
+            if getattr(x, "nbytes", 0) <= limit:
                 return ocp.SaveArgs()
             stacked = x.ndim > 1 and any(getattr(k, "key", None) == "layers" for k in path)
             return ocp.SaveArgs(chunk_byte_size=limit, shard_axes=(0,) if stacked else ())

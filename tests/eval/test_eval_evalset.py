@@ -44,7 +44,7 @@ def test_load_suite_dir_and_defaults(suite_dir):
 @pytest.mark.parametrize(
     "bad,msg",
     [
-        ("{not json", "not valid JSON"),
+        ("{not json", "malformed JSON"),
         ('["a list"]', "expected a JSON object"),
         ({**GOOD, "scorer": "bleu"}, "unknown scorer 'bleu'; known scorers: contains, exact_match"),
         ({k: v for k, v in GOOD.items() if k != "reference"}, "missing required field(s) reference"),
