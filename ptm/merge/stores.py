@@ -135,6 +135,22 @@ class _TsRead:
             raise CheckpointError(f"{self._where}: cannot read ({e})") from e
 
 
+def _big_allocs_via_mmap(threshold: int = 4 << 20) -> None:
+    """Make glibc serve allocations >= 4 MiB with mmap (returned to the OS on free). Decoded Orbax chunks are
+    23-65 MB; glibc's default threshold adapts upwards to 32 MiB, after which such buffers come from per-thread
+    heap arenas that keep the freed memory (measured reading 3 chunked TinyLlama inputs: 1.18 GB private in
+    12.5 s by default, 1.05 GB / 13.2 s with a 20 MiB threshold, 0.65 GB / 20.8 s with 4 MiB: fresh mmap pages
+    cost page faults). Process-wide; a no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(threshold))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 class OrbaxStore(InputStore):
     kind = "orbax"
 
@@ -190,6 +206,7 @@ class OrbaxStore(InputStore):
             # decode the whole chunk again. Keep one decoded chunk per input (memory: its largest tensor).
             import tensorstore as ts
 
+            _big_allocs_via_mmap()
             # Chunked inputs (ptm training checkpoints: <= 64 MiB chunks): room for two chunks, as a piece may
             # straddle a chunk boundary; an unchunked foreign input costs its largest decoded tensor.
             limit = int(biggest * 1.05) + (1 << 20) + (biggest if biggest <= 64 << 20 else 0)
@@ -549,6 +566,8 @@ class SafetensorsWriter(OutputWriter):
     file and uploaded at commit (a GCS object appears only when its upload completes).
     """
 
+    DROP_EVERY = 256 << 20  # bytes written between flush-and-drop-from-page-cache (see _drop_written)
+
     def __init__(self, path: str, infos: list[TensorInfo], overwrite: bool):
         self.path = str(path).rstrip("/")
         self.infos, self.overwrite = infos, overwrite
@@ -633,7 +652,7 @@ class SafetensorsWriter(OutputWriter):
         several model-sized outputs; left in the cache they evict the memory-mapped inputs, which are then
         read from disk again (measured: the 5-omega sweep spent most of its time re-faulting input pages)."""
         self._unsynced = getattr(self, "_unsynced", 0) + nbytes
-        if self._unsynced >= 256 << 20 and hasattr(os, "posix_fadvise"):
+        if self._unsynced >= self.DROP_EVERY and hasattr(os, "posix_fadvise"):
             os.fdatasync(self._fd)
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             self._unsynced = 0

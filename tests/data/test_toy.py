@@ -226,6 +226,25 @@ def test_world_qa_facts_are_stated_in_pretraining(full_suite):
             assert mentions >= 3, (name, rel, mentions)
 
 
+def test_in_context_answers_follow_from_the_prompt(suite):
+    """copy / reverse / sort gold answers are computed from the prompt, over the small v2 vocabularies."""
+    seen = set()
+    for rec in _read(suite / "general.jsonl"):
+        task, (user, answer) = rec["task"], (m["content"] for m in rec["messages"])
+        x = user.split(": ", 1)[-1]
+        if task == "copy":
+            assert answer == x and 1 <= len(x.split()) <= 2 and set(x.split()) <= set(toy.COPY_WORDS)
+        elif task in ("reverse", "sort"):
+            letters = x.split()
+            assert set(letters) <= set(toy.SMALL_ABC) and 3 <= len(letters) <= 4, user
+            want = letters[::-1] if task == "reverse" else sorted(letters)
+            assert answer == " ".join(want), user
+            if task == "sort":
+                assert len(set(letters)) == len(letters)
+        seen.add(task)
+    assert {"copy", "reverse", "sort"} <= seen
+
+
 def test_lookup_answer_is_stated_in_the_prompt(suite):
     for it in _read(suite / "eval" / "test" / "lookup.jsonl"):
         prompt = it["messages"][0]["content"]
