@@ -535,7 +535,8 @@ def merge(
     return result
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """`{"a.b": x}` -> `{"a": {"b": x}}`: tensor names back into the parameter tree."""
     tree: dict[str, Any] = {}
     for name, v in flat.items():
         d = tree
@@ -591,4 +592,4 @@ def merge_to_tree(
             return cache[key]
 
         flat[name] = jax.make_array_from_callback(info.shape, sh, cb)
-    return _nest(flat)
+    return nest(flat)

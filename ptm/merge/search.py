@@ -382,14 +382,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, v in flat.items():
-        d = tree
-        *head, last = name.split(".")
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = v
-    return tree
+    """Tensor names back into the parameter tree (the engine's helper; imported lazily like the engine)."""
+    from ptm.merge.engine import nest as engine_nest
+
+    return engine_nest(flat)
 
 
 class Pool:
