@@ -108,15 +108,15 @@ def load_params(path: str | epath.Path, shardings=None, *, model_config: ModelCo
     if model_config is not None and ref.meta is not None:
         check_same_model(ref.meta, model_config, str(ref.root))
     ckptr = ocp.StandardCheckpointer()
+    tree = _meta_tree(ckptr, ref.params_path)  # names, shapes, dtypes: read once, no arrays
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     if shardings is None:  # everything on the first local device
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(
-            lambda _: dev,
-            _meta_tree(ckptr, ref.params_path),
-            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
-        )
+        shardings = jax.tree.map(lambda _: dev, tree, is_leaf=is_leaf)
+    abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings,
+                            is_leaf=is_leaf)
     try:
-        params = ckptr.restore(ref.params_path, _abstract_from_meta(ckptr, ref.params_path, shardings))
+        params = ckptr.restore(ref.params_path, abstract)
     except Exception as e:
         raise CheckpointError(f"{ref.params_path}: cannot read params: {e}") from e
     return params, ref.meta
@@ -129,13 +129,3 @@ def _meta_tree(ckptr, params_path):
         raise CheckpointError(f"{params_path}: not a readable Orbax checkpoint: {e}") from e
     tree = getattr(meta_tree, "item_metadata", meta_tree)
     return getattr(tree, "tree", tree)
-
-
-def _abstract_from_meta(ckptr, params_path, shardings):
-    tree = _meta_tree(ckptr, params_path)
-    return jax.tree.map(
-        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-        tree,
-        shardings,
-        is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
-    )

@@ -10,6 +10,7 @@ import pytest
 from ptm.errors import ConfigError
 from ptm.parallel import distributed
 
+from ..train.conftest import write_reverse_task
 from .cluster import run_cluster
 from .mp_worker import _global_inputs
 
@@ -120,27 +121,9 @@ def test_sharded_merge_two_processes_matches_one_and_numpy(tmp_path):
 
 @pytest.mark.slow  # ~1 min on 2 busy cores
 def test_training_loop_two_processes_resumes_and_matches_one(tmp_path):
-    import json as _json
-    import random
-
     from ptm.train.checkpoint import load_params
 
-    r = random.Random(0)
-    data = tmp_path / "rev.jsonl"
-    with open(data, "w") as f:
-        for _ in range(48):
-            a = "".join(r.choice("abcd") for _ in range(r.randint(2, 5)))
-            f.write(
-                _json.dumps(
-                    {
-                        "messages": [
-                            {"role": "user", "content": f"rev {a}"},
-                            {"role": "assistant", "content": a[::-1]},
-                        ]
-                    }
-                )
-                + "\n"
-            )
+    data = write_reverse_task(tmp_path / "rev.jsonl", n=48)
     two = run_cluster("loop", tmp_path / "two", str(data), str(tmp_path / "run2"), timeout=400)
     one = run_cluster(
         "loop",

@@ -68,25 +68,10 @@ def test_sharded_training_on_8_devices_matches_one_device(tmp_path, reverse_data
     assert jax.device_count() == 8
     dc = data_config(reverse_data, num_epochs=1)
     # Different layouts (pure fsdp vs data x fsdp x tensor), same math up to reduction order.
-    a = train(
-        str(tmp_path / "a"),
-        dc,
-        model=TINY,
-        optimizer=OPT,
-        progress=False,
-        log_every=1,
-        mesh=MeshConfig(data=1, fsdp=8, tensor=1),
-        stop_after_steps=3,
-    )
-    b = train(
-        str(tmp_path / "b"),
-        dc,
-        model=TINY,
-        optimizer=OPT,
-        progress=False,
-        log_every=1,
-        mesh=MeshConfig(data=2, fsdp=2, tensor=2),
-        stop_after_steps=3,
+    a, b = (
+        train(str(tmp_path / name), dc, model=TINY, optimizer=OPT, progress=False, log_every=1, mesh=mesh,
+              stop_after_steps=3)
+        for name, mesh in (("a", MeshConfig(data=1, fsdp=8, tensor=1)), ("b", MeshConfig(data=2, fsdp=2, tensor=2)))
     )
     pa, _ = load_params(tmp_path / "a")
     pb, _ = load_params(tmp_path / "b")
