@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
 from ptm.errors import ConfigError
 from ptm.model.llama import ModelConfig
 from ptm.parallel.mesh import MeshConfig
+from ptm.toml_file import load_toml
 
 RUN_KINDS = ("pretrain", "general", "skill", "cft", "rt")
 MERGE_METHODS = ("task_arithmetic", "linear_interpolation", "wise_ft")
@@ -478,11 +478,5 @@ def check_consistency(cfg: ExperimentConfig) -> None:
 
 
 def load(path: str, results_dir: str | None = None) -> ExperimentConfig:
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such experiment config") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: bad TOML ({e})") from e
+    d = load_toml(path, "experiment config")
     return parse(d, path, results_dir)

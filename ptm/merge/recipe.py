@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import re
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from ptm import ckpt_format
 from ptm.errors import ConfigError, MergeError
 from ptm.merge import methods
+from ptm.toml_file import load_toml
 
 ROLES = ("pre", "general", "skills", "cft", "models")
 LIST_ROLES = ("skills", "models")
@@ -150,13 +150,7 @@ def expand_sweep(
 
 
 def load(path: str) -> list[Recipe]:
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such recipe file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: bad TOML ({e})") from e
+    d = load_toml(path, "recipe file")
     return from_dict(d, where=path)
 
 

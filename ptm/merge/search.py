@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ptm.errors import CheckpointError, ConfigError, MergeError
+from ptm.toml_file import load_toml
 
 LOG_NAME = "search_log.jsonl"
 LOG_VERSION = 1
@@ -584,13 +584,7 @@ class SearchConfig:
 
     @classmethod
     def from_toml(cls, path: str) -> SearchConfig:
-        try:
-            with open(path, "rb") as f:
-                d = tomllib.load(f)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: no such search config") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: bad TOML ({e})") from e
+        d = load_toml(path, "search config")
         return cls.from_dict(d, where=path)
 
     @classmethod

@@ -11,11 +11,11 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from ptm.errors import ConfigError
+from ptm.toml_file import load_toml
 
 # ----------------------------------------------------------------------------------------- toy pool builder
 
@@ -24,13 +24,7 @@ _TRAIN_KEYS = {"seq_len", "global_batch_size", "learning_rate", "warmup_ratio", 
 
 
 def load_pool_config(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            cfg = tomllib.load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such pool config") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: bad TOML ({e})") from e
+    cfg = load_toml(path, "pool config")
     for key in ("suite", "model", "base", "member"):
         if key not in cfg:
             raise ConfigError(f"{path}: missing [{key}]")

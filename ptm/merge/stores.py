@@ -416,6 +416,19 @@ def _tmp_sibling(path: str) -> str:
     return os.path.join(head, f".{tail}.ptm-merge-tmp")
 
 
+def _swap_in(work: str, path: str) -> None:
+    """Commit a finished local output by rename; an existing `path` (only with overwrite) is moved aside first."""
+    if os.path.lexists(path):
+        old = path + ".ptm-merge-old"
+        _rm(old)
+        os.rename(path, old)
+        os.rename(work, path)
+        _rm(old)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.rename(work, path)
+
+
 def _rm(path: str) -> None:
     if is_gcs(path):
         fs = _gcsfs()
@@ -542,14 +555,7 @@ class OrbaxWriter(OutputWriter):
         (params / "commit_success.txt").write_text("written by ptm merge")
         (params / "_METADATA").write_text(json.dumps(md))  # last: makes the checkpoint look complete
         if not self.gcs:
-            if os.path.lexists(self.path):  # only reachable with overwrite=True
-                old = self.path + ".ptm-merge-old"
-                _rm(old)
-                os.rename(self.path, old)
-                os.rename(self.work, self.path)
-                _rm(old)
-            else:
-                os.rename(self.work, self.path)
+            _swap_in(self.work, self.path)
 
     def abort(self) -> None:
         self._pending.clear()
@@ -671,15 +677,7 @@ class SafetensorsWriter(OutputWriter):
             fs.put(f"{self.work}/{ST_SINGLE}", f"{self.path}/{ST_SINGLE}")
             shutil.rmtree(self.work, ignore_errors=True)
             return
-        if os.path.lexists(self.path):
-            old = self.path + ".ptm-merge-old"
-            _rm(old)
-            os.rename(self.path, old)
-            os.rename(self.work, self.path)
-            _rm(old)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            os.rename(self.work, self.path)
+        _swap_in(self.work, self.path)
 
     def abort(self) -> None:
         if getattr(self, "_pool", None) is not None:
