@@ -6,6 +6,7 @@ model config, step, data counts). `params` alone is a complete model checkpoint 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,7 +36,9 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_iter, meta: dict[str, Any], *, force: bool = False) -> bool:
+    def save(self, step: int, state: dict, data_iter, meta: dict[str, Any] | Callable[[], dict[str, Any]], *,
+             force: bool = False) -> bool:
+        """Save if `step` is due (or `force`). `meta` may be a callable, built only when a save happens."""
         if not force and step % self.save_every:
             return False
 
@@ -53,7 +56,7 @@ class RunCheckpointer:
                 state["params"], save_args=jax.tree_util.tree_map_with_path(save_args, state["params"])
             ),
             "opt_state": ocp.args.StandardSave(state["opt_state"]),
-            "ptm": ocp.args.JsonSave(meta),
+            "ptm": ocp.args.JsonSave(meta() if callable(meta) else meta),
         }
         if data_iter is not None:
             import grain

@@ -176,11 +176,11 @@ def train(
                 logger.log(done, m)
                 t_log, tokens_since = time.perf_counter(), 0
             logger.advance()
-            if ckpt.save(done, state, data_iter, meta_at(done), force=done in (total_steps, end)):
+            if ckpt.save(done, state, data_iter, functools.partial(meta_at, done), force=done in (total_steps, end)):
                 last_saved = done
                 logger.flush()
         if end > start and last_saved != end:  # early stop: keep the position so a rerun continues
-            ckpt.save(end, state, data_iter, meta_at(end), force=True)
+            ckpt.save(end, state, data_iter, functools.partial(meta_at, end), force=True)
     finally:
         ckpt.close()
         logger.close()
