@@ -8,6 +8,7 @@ Kept free of jax/orbax imports so that every area can use it cheaply.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,8 @@ def make_meta(
 def resolve(path: str | epath.Path) -> ModelCheckpoint:
     """Accept a run dir (newest complete step), a step/merge-output dir, or a bare Orbax params dir."""
     p = epath.Path(path)
+    if "://" not in str(path):
+        p = epath.Path(os.path.abspath(p))  # Orbax refuses relative paths ("should be absolute")
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint")
     if (p / "checkpoints").exists():

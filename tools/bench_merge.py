@@ -193,19 +193,23 @@ def ptm_merge(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "ptm.cli", "merge", "--no-progress", *args]
 
 
-def io_floor(inputs: list[str], out: str) -> None:
+def io_floor(inputs: list[str], outs: list[str]) -> None:
+    """Read every input once and write one input-sized file per output, made durable (fsync) as ptm's
+    outputs are: the least any merge with these inputs and outputs must do."""
     buf = bytearray(64 << 20)
-    total = 0
     for f in inputs:
         with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                total += n
+            while fh.readinto(buf):
+                pass
     size = os.path.getsize(inputs[0])
-    with open(out, "wb") as fh:
-        left = size
-        while left > 0:
-            fh.write(memoryview(buf)[: min(left, len(buf))])
-            left -= len(buf)
+    for out in outs:
+        with open(out, "wb") as fh:
+            left = size
+            while left > 0:
+                fh.write(memoryview(buf)[: min(left, len(buf))])
+                left -= len(buf)
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def main() -> int:
@@ -214,12 +218,14 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--mergekit", default="mergekit-yaml", help="mergekit-yaml executable (e.g. from a venv)")
-    ap.add_argument("--cases", default="abcde", help="which cases to run (letters)")
+    ap.add_argument("--cases", default="abcdef", help="which cases to run (letters)")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--io-floor-child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--io-floor-outputs", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.io_floor_child:
-        io_floor(a.io_floor_child[:-1], a.io_floor_child[-1])
+        k = a.io_floor_outputs
+        io_floor(a.io_floor_child[:-1], [f"{a.io_floor_child[-1]}.{i}" for i in range(k)])
         return 0
     d = a.dir
     os.makedirs(d, exist_ok=True)
@@ -291,24 +297,34 @@ def main() -> int:
         res["d_mergekit"] = measure([a.mergekit, cfg, f"{d}/out-mk", "--lazy-unpickle"])
         res["d_agreement_ptm_vs_mergekit"] = agreement(f"{d}/out-a", f"{d}/out-mk")
         clean(f"{d}/out-mk")
-    if "e" in a.cases:
-        clean(f"{d}/floor.bin")
-        res["e_io_floor"] = measure(
+    for case, k in (("e", 1), ("f", 5)):  # (f): the floor of a 5-output sweep
+        if case not in a.cases:
+            continue
+        res[f"{case}_io_floor_{k}_out"] = measure(
             [
                 sys.executable,
                 __file__,
+                "--io-floor-outputs",
+                str(k),
                 "--io-floor-child",
                 *[f"{st[n]}/model.safetensors" for n in names],
                 f"{d}/floor.bin",
             ]
         )
-        clean(f"{d}/floor.bin")
+        for i in range(k):
+            clean(f"{d}/floor.bin.{i}")
     ratios = {}
     a_ = res.get("a_ptm_safetensors", {}).get("wall_s")
     if a_ and "c_ptm_sweep5_safetensors" in res:
         ratios["sweep5 / one merge"] = res["c_ptm_sweep5_safetensors"]["wall_s"] / a_
-    if a_ and "e_io_floor" in res:
-        ratios["one merge / io floor"] = a_ / res["e_io_floor"]["wall_s"]
+    c_, e_, f_ = (res.get(k, {}).get("wall_s") for k in ("c_ptm_sweep5_safetensors", "e_io_floor_1_out",
+                                                               "f_io_floor_5_out"))
+    if a_ and e_:
+        ratios["one merge / its io floor"] = a_ / e_
+    if c_ and f_:
+        ratios["sweep5 / its io floor"] = c_ / f_
+    if e_ and f_:
+        ratios["io floor 5 outputs / io floor 1 output"] = f_ / e_
     if a_ and "d_mergekit" in res:
         ratios["ptm / mergekit"] = a_ / res["d_mergekit"]["wall_s"]
     print(json.dumps({"load_avg": os.getloadavg(), "results": res, "ratios": ratios}, indent=1))

@@ -6,9 +6,11 @@ One seeded "world" (made-up people with a city, a favourite colour and a pet) un
   - `general.jsonl`: the general instruction mix G (copy, reverse, sort, lookup, world_qa);
   - `science.jsonl`, `safety.jsonl`, `coding.jsonl`: the three skills D_i of the paper;
   - `eval/{validation,test}/<task>.jsonl`: eval items in ptm's eval-set format (docs/eval.md);
+  - `tokenizer.model`: a SentencePiece BPE model (TOKENIZER_VOCAB pieces) trained on the training texts, so
+    the world's words are single tokens and in-context copying is token-level, as in a real LLM;
   - `manifest.json`: seed, sizes, tasks and the sha256 of every file.
-Every chat example (user + assistant content) fits in MAX_CONTENT_BYTES bytes, so with the byte tokenizer and
-the Tulu template (~26 bytes of markers) one example fits a 128-token sequence. Design: docs/toy-suite.md.
+Every chat example (user + assistant content) fits in MAX_CONTENT_BYTES bytes, so even with the byte tokenizer
+and the Tulu template (~26 bytes of markers) one example fits a 128-token sequence. Design: docs/toy-suite.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from typing import Any, NamedTuple
 from ptm.errors import ConfigError, DataError, PtmError
 
 FORMAT = "ptm-toy-suite"
-VERSION = 2  # 2: easier general tasks and coding (learnable by a ~0.5M model in minutes)
+VERSION = 3  # 2: easier general tasks and coding; 3: pretraining demonstrates the general abilities, tokenizer
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_VOCAB = 1024  # every word of the world fits; models on the suite need vocab_size >= this
 MAX_CONTENT_BYTES = 96  # user + assistant content of one example (or one pretraining text)
 EVAL_SPLITS = ("validation", "test")
 DEFAULT_SIZES = {"pretrain": 8000, "general": 4000, "science": 900, "safety": 1000, "coding": 2200,
@@ -382,9 +386,19 @@ def _generators(seed: int) -> dict[str, Callable[[random.Random, World], Example
 # ------------------------------------------------------------------------------------------- pretraining text
 
 
-def gen_pretrain_text(rng: random.Random, world: World) -> str:
-    kinds = ("bio", "science", "lisp", "howto", "runs", "echo")
-    kind = rng.choices(kinds, weights=(30, 20, 15, 15, 10, 10))[0]
+# Pretraining kinds and weights. v3 adds plain-text demonstrations of the general abilities (reversing,
+# sorting, reading a value from context, echoing words), phrased unlike G's instructions: like a web-pretrained
+# base model, theta_pre can do the tasks and instruction tuning only has to teach it to follow the requests.
+# Without them G had to teach the abilities themselves, which took hundreds of steps at a high learning rate
+# and left theta_G and the skill runs too far apart from theta_pre for their task vectors to add.
+PRETRAIN_KINDS = {"bio": 20, "science": 12, "lisp": 10, "howto": 10, "runs": 5, "echo": 10,
+                  "backwards": 11, "sorted": 11, "scores": 11}
+
+
+def gen_pretrain_text(rng: random.Random, world: World, avoid: frozenset[str] = frozenset()) -> str:
+    """One pretraining text. `avoid`: inputs of eval items (letter strings, score lists) the demonstrations
+    must not show, so the eval measures the ability rather than recall of a pretraining line."""
+    kind = rng.choices(tuple(PRETRAIN_KINDS), weights=tuple(PRETRAIN_KINDS.values()))[0]
     if kind == "bio":
         parts = []
         for name in rng.sample(NAMES, rng.randint(1, 2)):
@@ -401,9 +415,27 @@ def gen_pretrain_text(rng: random.Random, world: World) -> str:
         pool += [(*task.split(" ", 1), tip) for task, tip in PLAIN_HOWTO]
         verb, target, tip = rng.choice(pool)
         return f"To {verb} {target}, {tip}."
-    if kind == "echo":  # repeated random strings: in-context copying (copy/reverse/lookup) needs induction
-        words = [_letters(rng, 3, 6) for _ in range(rng.randint(1, 3))]
+    if kind == "echo":  # repeated strings: in-context copying (copy/reverse/lookup) needs induction
+        if rng.random() < 0.5:
+            words = [_letters(rng, 3, 6) for _ in range(rng.randint(1, 3))]
+        else:
+            words = [rng.choice(COPY_WORDS) for _ in range(rng.randint(1, 2))]
         return " | ".join([" ".join(words)] * rng.randint(2, 3))
+    if kind in ("backwards", "sorted"):
+        while True:
+            k = rng.randint(3, 4)
+            x = rng.sample(SMALL_ABC, k) if kind == "sorted" else rng.choices(SMALL_ABC, k=k)
+            if " ".join(x) not in avoid:
+                break
+        y = sorted(x) if kind == "sorted" else x[::-1]
+        return f"{' '.join(x)} {kind}: {' '.join(y)}."
+    if kind == "scores":
+        while True:
+            prompt, answer, meta = gen_lookup(rng, world)
+            facts = prompt.split(". ")[0]
+            if facts not in avoid:
+                break
+        return f"{facts}. So {facts.split(', ')[meta['position']].split(' scored ')[0]} had {answer}."
     if rng.random() < 0.5:
         start = rng.randrange(0, 20)
         return " ".join(string.ascii_lowercase[start:start + rng.randint(4, 7)])
@@ -516,14 +548,22 @@ def build_suite(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict
     files["safety.jsonl"] = records
 
     rng = random.Random(f"{seed}/pretrain")
+    avoid = frozenset(_eval_input(it) for split in EVAL_SPLITS for task in ("reverse", "sort", "lookup")
+                      for it in files[f"eval/{split}/{task}.jsonl"])
     texts: list[str] = []
     while len(texts) < sizes["pretrain"]:
-        text = gen_pretrain_text(rng, world)
+        text = gen_pretrain_text(rng, world, avoid)
         if len(text.encode()) <= MAX_CONTENT_BYTES:
             texts.append(text)
     files["pretrain.jsonl"] = [{"messages": [{"role": "assistant", "content": t}]} for t in texts]
     _assert_disjoint(files)
     return files
+
+
+def _eval_input(item: dict) -> str:
+    """What a reverse / sort / lookup item operates on: the letters after the colon, or the score list."""
+    prompt = prompt_of(item)
+    return prompt.split(". ")[0] if item["task"] == "lookup" else prompt.split(": ", 1)[1]
 
 
 def prompt_of(record: dict) -> str:
@@ -554,6 +594,31 @@ def _assert_disjoint(files: dict[str, list[dict]]) -> None:
 # ------------------------------------------------------------------------------------------------ files
 
 
+def train_tokenizer(files: dict[str, list[dict]], vocab_size: int = TOKENIZER_VOCAB) -> bytes:
+    """A serialized SentencePiece BPE model trained on the suite's training texts (never its eval items).
+
+    Why not the byte tokenizer: with bytes, copying a word means matching multi-byte prefixes in context, which
+    a 2-layer model did not learn in thousands of steps (docs/toy-suite.md); with word pieces theta_G copies
+    after tens of steps. Deterministic: one thread, fixed settings. The default normaliser maps newlines to
+    spaces, so a word is the same piece at the start of a reply and inside a prompt. The chat markers are
+    single pieces; ids 0-3 are pad/unk/BOS/EOS; byte fallback keeps any text encodable.
+    """
+    import io
+
+    import sentencepiece as spm
+
+    from ptm.data.chat import ROLES
+
+    lines = [line for path, recs in sorted(files.items()) if not path.startswith("eval/")
+             for r in recs for m in r["messages"] for line in m["content"].split("\n") if line]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True, num_threads=1, minloglevel=2,
+        user_defined_symbols=[f"<|{r}|>" for r in ROLES], pad_id=0, unk_id=1, bos_id=2, eos_id=3)
+    return buf.getvalue()
+
+
 def _encode(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
 
@@ -564,7 +629,7 @@ def _manifest(seed: int, sizes: dict[str, int], blobs: dict[str, bytes], counts:
             "safety_mix": SAFETY_MIX,
             "tasks": {t: {"category": s.category, "scorer": s.scorer, "dataset": s.dataset}
                       for t, s in SUITE_TASKS.items()},
-            "counts": counts,
+            "counts": counts, "tokenizer": TOKENIZER_FILE, "tokenizer_vocab": TOKENIZER_VOCAB,
             "files": {p: hashlib.sha256(b).hexdigest() for p, b in sorted(blobs.items())}}
 
 
@@ -608,6 +673,7 @@ def generate_suite(out_dir: str | os.PathLike, *, seed: int = 0, sizes: dict | N
         return found
     files = build_suite(seed, full)
     blobs = {p: _encode(recs) for p, recs in files.items()}
+    blobs[TOKENIZER_FILE] = train_tokenizer(files)
     manifest = _manifest(seed, full, blobs, {p: len(r) for p, r in sorted(files.items())})
     blobs["manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ptm.data import toy
 from ptm.errors import ConfigError
 from ptm.model.llama import ModelConfig
 from ptm.parallel.mesh import MeshConfig
@@ -465,6 +466,11 @@ def check_consistency(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"{src}: [mesh] tensor={cfg.mesh.tensor} does not divide num_heads/mlp_dim")
     if cfg.tokenizer == "byte" and cfg.model.vocab_size < 259:
         raise ConfigError(f"{src}: model.vocab_size={cfg.model.vocab_size} < 259 (the byte tokenizer)")
+    if cfg.suite is not None and cfg.tokenizer == toy.TOKENIZER_FILE and cfg.model.vocab_size < toy.TOKENIZER_VOCAB:
+        raise ConfigError(
+            f"{src}: model.vocab_size={cfg.model.vocab_size} < {toy.TOKENIZER_VOCAB}, the size of the toy "
+            f"suite's {toy.TOKENIZER_FILE}"
+        )
     names = [s.name for s in cfg.skills]
     if cfg.general.examples is not None:
         for s in cfg.skills:

@@ -209,6 +209,44 @@ def test_examples_fit_a_128_token_byte_sequence(full_suite):
     assert longest <= 128
 
 
+def test_suite_tokenizer_makes_world_words_single_tokens(full_suite):
+    """The suite's SentencePiece model: words of the world and chat markers are one piece each, a word is the
+    same piece inside a prompt and at the start of a reply, and chat examples round-trip through it."""
+    from ptm.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(full_suite / toy.TOKENIZER_FILE))
+    manifest = json.loads((full_suite / "manifest.json").read_text())
+    assert manifest["tokenizer"] == toy.TOKENIZER_FILE and tok.vocab_size == manifest["tokenizer_vocab"]
+    assert (tok.bos_id, tok.eos_id) == (2, 3)
+    for word in toy.NAMES + toy.COPY_WORDS + tuple(toy.SMALL_ABC):
+        assert len(tok.encode(word)) == 1, (word, tok.encode(word))
+    for marker in ("<|user|>", "<|assistant|>"):
+        assert len(tok.encode(marker)) <= 2  # the piece itself, plus SentencePiece's leading space
+    for rec in _read(full_suite / "general.jsonl")[:200]:
+        prompt, answer = (m["content"] for m in rec["messages"])
+        assert tok.decode(tok.encode(answer)) == answer
+        if rec["task"] == "copy":  # token-level copying: the reply's ids appear in the prompt's ids
+            ids, a = tok.encode(prompt), tok.encode(answer)
+            assert any(ids[i:i + len(a)] == a for i in range(len(ids))), rec
+
+
+def test_pretraining_demonstrations_never_show_an_eval_input(full_suite):
+    """theta_pre sees reversing / sorting / score look-ups done, but never on an eval item's input."""
+    demos = set()
+    for r in _read(full_suite / "pretrain.jsonl"):
+        text = r["messages"][0]["content"]
+        m = re.fullmatch(r"([a-h](?: [a-h])+) (?:backwards|sorted): .*", text)
+        if m:
+            demos.add(m.group(1))
+        elif " scored " in text and ". So " in text:
+            demos.add(text.split(". So ")[0])
+    assert len(demos) > 500
+    for split in toy.EVAL_SPLITS:
+        for task in ("reverse", "sort", "lookup"):
+            for it in _read(full_suite / "eval" / split / f"{task}.jsonl"):
+                assert toy._eval_input(it) not in demos, it["id"]
+
+
 # ------------------------------------------------------------------------------------------------ world facts
 
 

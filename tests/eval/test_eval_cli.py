@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
@@ -79,6 +80,15 @@ def test_cli_end_to_end_matches_library(ckpt, suite_dir, tmp_path, tok):
     # Never overwrites results silently.
     again = run_cli(ckpt, "--suite", suite_dir, "--out", out, check=False)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_relative_checkpoint_path_loads(ckpt, tiny_params, monkeypatch):
+    """`ptm eval results/run` from the shell: Orbax wants absolute paths, ptm resolves relative ones."""
+    monkeypatch.chdir(ckpt.parent.parent)
+    params, _, meta = load_checkpoint(f"{ckpt.parent.name}/{ckpt.name}")
+    assert meta["step"] == 10
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tiny_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_user_errors(ckpt, tmp_path, capsys):

@@ -83,6 +83,7 @@ def _micro() -> dict:
         (lambda d: d["train"].update(global_batch_size=12) or d.update(mesh={"fsdp": 8}), r"divisible"),
         (lambda d: d["eval"].update(general_tasks=["copy", "science"]), r"both general and skill"),
         (lambda d: d.pop("general"), r"general"),
+        (lambda d: d["model"].update(vocab_size=259), r"vocab_size=259 < 1024.*tokenizer\.model"),
     ],
 )
 def test_bad_configs_name_the_file_and_key(mutate, pattern):
