@@ -43,7 +43,7 @@ def load_pool_config(path: str) -> dict[str, Any]:
 
 
 def _train_run(run_dir: Path, suite: Path, spec: dict[str, Any], shared: dict[str, Any], model,
-               init_from: str | None) -> dict[str, Any]:
+               init_from: str | None, tokenizer: str = "byte") -> dict[str, Any]:
     from ptm.data.pipeline import DataConfig, SourceConfig
     from ptm.parallel.mesh import MeshConfig
     from ptm.train.loop import train
@@ -61,7 +61,8 @@ def _train_run(run_dir: Path, suite: Path, spec: dict[str, Any], shared: dict[st
                           weight_decay=float(hp.get("weight_decay", 0.0)))
     t0 = time.perf_counter()
     res = train(str(run_dir), data=data, model=model, optimizer=opt,
-                mesh=MeshConfig(data=1, fsdp=-1, tensor=1), init_from=init_from, save_every=10**9,
+                mesh=MeshConfig(data=1, fsdp=-1, tensor=1), tokenizer=tokenizer, init_from=init_from,
+                save_every=10**9,
                 keep_checkpoints=1, async_checkpointing=False,
                 log_every=25, seed=int(hp.get("seed", 0)), progress=False)
     return {"run_dir": str(run_dir), "steps": res.steps, "final_loss": res.final_loss,
@@ -85,6 +86,11 @@ def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{config_path}: bad [model]: {e}") from e
     shared = cfg.get("train", {})
+    tokenizer = cfg.get("tokenizer", "byte")  # "byte", or a path (relative: against the suite, e.g. its own)
+    if not isinstance(tokenizer, str):
+        raise ConfigError(f"{config_path}: tokenizer must be a string, got {tokenizer!r}")
+    if tokenizer != "byte" and "://" not in tokenizer and not Path(tokenizer).is_absolute():
+        tokenizer = str(suite / tokenizer)
     runs: dict[str, dict[str, Any]] = {}
     order = [("base", cfg["base"], None)] + [(m["name"], m, m.get("init", "base")) for m in cfg["member"]]
     for name, spec, init in order:
@@ -95,7 +101,7 @@ def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
             continue
         print(f"build-pool: training {name} (init {init or 'random'})", file=sys.stderr, flush=True)
         init_path = str(out / "runs" / init) if init else None
-        runs[name] = _train_run(run_dir, suite, spec, shared, model, init_path)
+        runs[name] = _train_run(run_dir, suite, spec, shared, model, init_path, tokenizer)
         print(f"build-pool: {name}: {runs[name]['steps']} steps, loss {runs[name]['final_loss']}, "
               f"{runs[name]['seconds']} s", file=sys.stderr, flush=True)
     pool = {"config": str(config_path), "suite": str(suite), "base": str(out / "runs" / "base"),
