@@ -85,11 +85,15 @@ def make_meta(
     }
 
 
+def absolute(path: str | epath.Path) -> epath.Path:
+    """Local paths made absolute (Orbax refuses relative ones: "Checkpoint path should be absolute");
+    gs:// and other URLs unchanged."""
+    return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def resolve(path: str | epath.Path) -> ModelCheckpoint:
     """Accept a run dir (newest complete step), a step/merge-output dir, or a bare Orbax params dir."""
-    p = epath.Path(path)
-    if "://" not in str(path):
-        p = epath.Path(os.path.abspath(p))  # Orbax refuses relative paths ("should be absolute")
+    p = absolute(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint")
     if (p / "checkpoints").exists():

@@ -23,7 +23,7 @@ class RunCheckpointer:
     """Thin wrapper over `ocp.CheckpointManager` for `<run_dir>/checkpoints`."""
 
     def __init__(self, run_dir: str | epath.Path, *, save_every: int, keep: int = 2, async_save: bool = True):
-        self.directory = epath.Path(run_dir) / "checkpoints"
+        self.directory = ckpt_format.absolute(run_dir) / "checkpoints"
         self.save_every = max(int(save_every), 1)
         opts = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

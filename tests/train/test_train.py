@@ -64,6 +64,16 @@ def test_init_from_loads_params_only_and_fresh_optimizer(tmp_path, reverse_data)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_relative_run_dir_and_init_from(tmp_path, reverse_data, monkeypatch):
+    """`--gin.train.run_dir=runs/x` from the shell: Orbax wants absolute paths; ptm resolves relative ones."""
+    monkeypatch.chdir(tmp_path)
+    a = train("runs/a", data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT, progress=False)
+    b = train("runs/b", data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT, init_from="runs/a",
+              progress=False)
+    assert a.steps == b.steps and ckpt_format.resolve("runs/b").meta["step"] == b.steps
+    assert (tmp_path / "runs" / "b" / "run.json").exists()
+
+
 def test_sharded_training_on_8_devices_matches_one_device(tmp_path, reverse_data):
     assert jax.device_count() == 8
     dc = data_config(reverse_data, num_epochs=1)
