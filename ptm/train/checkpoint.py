@@ -6,6 +6,7 @@ model config, step, data counts). `params` alone is a complete model checkpoint 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +101,18 @@ def check_same_model(meta: dict, cfg: ModelConfig, where: str) -> None:
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
         raise CheckpointError(f"{where}: model config differs from the checkpoint's ({lines})")
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Orbax warns "Metadata file does not exist: .../params/_CHECKPOINT_METADATA" whenever one item of a
+    CheckpointManager step is restored on its own (the file lives in the step dir). It is expected here and
+    only alarms users, so it is dropped; other Orbax warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
 
 
 def load_params(path: str | epath.Path, shardings=None, *, model_config: ModelConfig | None = None):

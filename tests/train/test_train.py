@@ -74,6 +74,18 @@ def test_relative_run_dir_and_init_from(tmp_path, reverse_data, monkeypatch):
     assert (tmp_path / "runs" / "b" / "run.json").exists()
 
 
+def test_loading_one_item_does_not_print_orbax_metadata_warning(tmp_path, reverse_data, caplog):
+    import logging
+
+    train(str(tmp_path / "a"), data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT, progress=False)
+    with caplog.at_level(logging.WARNING):
+        load_params(tmp_path / "a")
+        logging.getLogger("absl").warning("another orbax warning")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "another orbax warning" in msgs
+    assert not any("Metadata file does not exist" in m for m in msgs), msgs
+
+
 def test_sharded_training_on_8_devices_matches_one_device(tmp_path, reverse_data):
     assert jax.device_count() == 8
     dc = data_config(reverse_data, num_epochs=1)
