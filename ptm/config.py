@@ -34,6 +34,31 @@ def register() -> None:
     _REGISTERED = True
 
 
+def _safe_exists(check):
+    def exists(path: str) -> bool:
+        try:
+            return check(path)
+        except TypeError:  # a namespace package has no origin: not a gin resource
+            return False
+
+    return exists
+
+
+def _guard_gin_resource_reader() -> None:
+    """gin resolves `include 'runs/sft.gin'` also as a resource of a Python package `runs`; a plain directory
+    `runs/` in the working directory (where users put their runs) is found as a *namespace* package without a
+    file, and gin crashes with a TypeError instead of moving on to the search path. Wrap its existence checks
+    so that case counts as "not here" (gin-config 0.5: `gin.config._FILE_READERS`; left alone if that changes)."""
+    readers = getattr(gin.config, "_FILE_READERS", None)
+    if not isinstance(readers, list):
+        return
+    for i, entry in enumerate(readers):
+        if isinstance(entry, tuple) and len(entry) == 2 and not getattr(entry[1], "_ptm_safe", False):
+            safe = _safe_exists(entry[1])
+            safe._ptm_safe = True
+            readers[i] = (entry[0], safe)
+
+
 def search_path() -> list[Path]:
     extra = [Path(p) for p in os.environ.get("PTM_GIN_PATH", "").split(":") if p]
     return [*extra, GIN_DIR]
@@ -42,6 +67,7 @@ def search_path() -> list[Path]:
 def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     """Parse files then bindings; unknown configurables or parameters become ConfigError naming the culprit."""
     register()
+    _guard_gin_resource_reader()
     gin.clear_config()
     for p in search_path():
         if p.is_dir():

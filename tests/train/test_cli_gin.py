@@ -48,6 +48,16 @@ def test_every_run_kind_composes_with_the_tiny_model(kind):
     assert len(srcs) == (2 if kind == "rt" else 1)
 
 
+def test_a_runs_directory_in_the_working_directory_does_not_break_includes(tmp_path, monkeypatch):
+    """Users keep runs in ./runs; gin took it for a Python namespace package named like the `runs/` includes
+    of gin/runs/*.gin and crashed (TypeError) instead of searching on."""
+    (tmp_path / "runs" / "my_run").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config.parse(["runs/paper_7b_skill.gin"], ["BASE_CKPT = 'b'", "SKILL_DATA = 's.jsonl'"])
+    assert _bound("DataConfig.seq_len") == 4096
+
+
 def test_later_flags_win_over_files():
     config.parse(["models/tiny.gin"], ["ModelConfig.embed_dim = 64"])
     assert _bound("ModelConfig.embed_dim") == 64
