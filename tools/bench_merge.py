@@ -55,21 +55,11 @@ def hf_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def ptm_shapes() -> dict[str, tuple[int, ...]]:
-    L = LAYERS
-    return {
-        "embed.embedding": (VOCAB, HIDDEN),
-        "final_norm.scale": (HIDDEN,),
-        "lm_head.kernel": (HIDDEN, VOCAB),
-        "layers.attention_norm.scale": (L, HIDDEN),
-        "layers.mlp_norm.scale": (L, HIDDEN),
-        "layers.attention.wq": (L, HIDDEN, HEADS, HEAD_DIM),
-        "layers.attention.wk": (L, HIDDEN, KV, HEAD_DIM),
-        "layers.attention.wv": (L, HIDDEN, KV, HEAD_DIM),
-        "layers.attention.wo": (L, HEADS, HEAD_DIM, HIDDEN),
-        "layers.mlp.w_gate": (L, HIDDEN, INTER),
-        "layers.mlp.w_up": (L, HIDDEN, INTER),
-        "layers.mlp.w_down": (L, INTER, HIDDEN),
-    }
+    from ptm.convert.hf import ptm_shapes as shapes_of
+    from ptm.model.llama import ModelConfig
+
+    return shapes_of(ModelConfig(vocab_size=VOCAB, embed_dim=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+                                 num_kv_heads=KV, head_dim=HEAD_DIM, mlp_dim=INTER, tie_embeddings=False))
 
 
 def hf_config() -> dict:
@@ -117,16 +107,11 @@ def gen_safetensors(path: str, seed: int) -> None:
 def gen_orbax(path: str, seed: int) -> None:
     """A ptm run dir written by the training checkpointer (so with its chunked save arguments)."""
     from ptm import ckpt_format
+    from ptm.merge.engine import nest
     from ptm.train.checkpoint import RunCheckpointer
 
     rng = np.random.default_rng(seed + 100)
-    tree: dict = {}
-    for n, s in ptm_shapes().items():
-        d = tree
-        *head, last = n.split(".")
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = _rand(rng, s)
+    tree = nest({n: _rand(rng, s) for n, s in ptm_shapes().items()})
     ck = RunCheckpointer(path, save_every=1, async_save=False)
     meta = ckpt_format.make_meta({}, step=0, provenance={"bench": True})
     ck.save(0, {"params": tree, "opt_state": {"count": np.zeros((), np.int32)}}, None, meta, force=True)

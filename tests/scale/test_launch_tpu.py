@@ -160,34 +160,16 @@ def _calls(tmp_path: Path) -> list[list[str]]:
     return [json.loads(ln) for ln in (tmp_path / "calls.jsonl").read_text().splitlines()]
 
 
+def _run(gcloud: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """`launch_tpu.py run --name t --zone z ARGS -- ptm train ...` against the fake gcloud."""
+    cmd = [sys.executable, str(TOOL), "run", "--name", "t", "--zone", "z", "--gcloud", str(gcloud), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
 def test_preempted_run_is_recreated_reinstalled_and_rerun(tmp_path):
     gcloud, env = _fake_gcloud(tmp_path, ["preempt", "preempt", "ok"])
     log = tmp_path / "job.log"
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(TOOL),
-            "run",
-            "--name",
-            "t",
-            "--zone",
-            "z",
-            "--gcloud",
-            str(gcloud),
-            "--poll",
-            "0",
-            "--log",
-            str(log),
-            "--",
-            "ptm",
-            "train",
-            "--gin_file=runs/x.gin",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    p = _run(gcloud, env, "--poll", "0", "--log", str(log), "--", "ptm", "train", "--gin_file=runs/x.gin")
     assert p.returncode == 0, p.stderr
     verbs = [c[3] for c in _calls(tmp_path)]
     assert verbs.count("create") == 3 and verbs.count("delete") == 2 and verbs.count("scp") == 3
@@ -199,26 +181,7 @@ def test_preempted_run_is_recreated_reinstalled_and_rerun(tmp_path):
 
 def test_failure_on_healthy_slice_is_not_retried(tmp_path):
     gcloud, env = _fake_gcloud(tmp_path, ["fail", "ok"])
-    p = subprocess.run(
-        [
-            sys.executable,
-            str(TOOL),
-            "run",
-            "--name",
-            "t",
-            "--zone",
-            "z",
-            "--gcloud",
-            str(gcloud),
-            "--",
-            "ptm",
-            "train",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    p = _run(gcloud, env, "--", "ptm", "train")
     assert p.returncode == 1
     assert "not retrying" in p.stderr
     assert len([c for c in _calls(tmp_path) if c[3] == "ssh" and "ptm-logs" in c[-1]]) == 1
