@@ -13,7 +13,7 @@ _COMMAND_MODULES = [
     "ptm.train.commands",
     "ptm.merge.commands",
     "ptm.eval.commands",
-    "ptm.merge.search_commands",
+    "ptm.search.commands",
     "ptm.experiment.commands",
     "ptm.convert.commands",
 ]

@@ -2,7 +2,7 @@
 
 `ptm train --gin_file=A.gin --gin_file=B.gin --gin.NAME=VALUE`: files are parsed in order, then bindings, so later
 files and flags win. Files are looked up as given, then relative to the search path: `$PTM_GIN_PATH`
-(colon-separated) and the repository's `gin/` directory.
+(colon-separated) and the packaged `ptm/gin/` directory (`gin/` at the repository root links to it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import gin
 from ptm.errors import ConfigError
 
 _REGISTERED = False
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+GIN_DIR = Path(__file__).resolve().parent / "gin"  # shipped in the package (repo-root gin/ links here)
 
 
 def register() -> None:
@@ -24,7 +24,7 @@ def register() -> None:
     if _REGISTERED:
         return
     from ptm.data.pipeline import DataConfig, SourceConfig
-    from ptm.model.llama import ModelConfig
+    from ptm.model.config import ModelConfig
     from ptm.parallel.mesh import MeshConfig
     from ptm.train.loop import train
     from ptm.train.optimizer import OptimizerConfig

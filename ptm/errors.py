@@ -17,5 +17,9 @@ class MergeError(PtmError):
     """Merge inputs or recipe that cannot be merged; messages list every mismatch."""
 
 
+class OutputError(MergeError, CheckpointError):
+    """An output path that may not be written (exists, overlaps an input or a training run, is not a model)."""
+
+
 class ConfigError(PtmError):
     """A bad gin binding, recipe or experiment config."""

@@ -235,7 +235,8 @@ def check_merge(plan: Plan, n_skills: int = 1) -> dict[str, Any]:
     import jax.numpy as jnp
 
     from ptm.model.llama import abstract_params
-    from ptm.parallel.mesh import make_mesh, param_shardings
+    from ptm.model.sharding import param_shardings
+    from ptm.parallel.mesh import make_mesh
 
     r = resolve_plan(plan)
     cfg = r.model

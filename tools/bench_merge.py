@@ -55,8 +55,8 @@ def hf_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def ptm_shapes() -> dict[str, tuple[int, ...]]:
-    from ptm.convert.hf import ptm_shapes as shapes_of
-    from ptm.model.llama import ModelConfig
+    from ptm.ckpt.tree import shapes as shapes_of
+    from ptm.model.config import ModelConfig
 
     return shapes_of(ModelConfig(vocab_size=VOCAB, embed_dim=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                                  num_kv_heads=KV, head_dim=HEAD_DIM, mlp_dim=INTER, tie_embeddings=False))
@@ -106,8 +106,8 @@ def gen_safetensors(path: str, seed: int) -> None:
 
 def gen_orbax(path: str, seed: int) -> None:
     """A ptm run dir written by the training checkpointer (so with its chunked save arguments)."""
-    from ptm import ckpt_format
-    from ptm.merge.engine import nest
+    from ptm.ckpt import format as ckpt_format
+    from ptm.ckpt.tree import nest
     from ptm.train.checkpoint import RunCheckpointer
 
     rng = np.random.default_rng(seed + 100)
@@ -122,7 +122,7 @@ def gen_orbax(path: str, seed: int) -> None:
 def agreement(a: str, b: str) -> dict[str, float]:
     """Compare two bf16 safetensors outputs: elements that differ, and elements that differ by more than one
     bf16 rounding step (|x - y| > the bf16 spacing at max(|x|, |y|))."""
-    from ptm.merge.stores import SafetensorsStore
+    from ptm.ckpt.stores import SafetensorsStore
 
     sa, sb = SafetensorsStore(a), SafetensorsStore(b)
     ta, tb = sa.tensors(), sb.tensors()

@@ -39,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
+    from ptm.ckpt.params import load_checkpoint
     from ptm.data.tokenizers import load_tokenizer
     from ptm.eval.evalset import load_suite, write_eval_file
-    from ptm.eval.harness import evaluate, load_checkpoint
+    from ptm.eval.harness import evaluate
     from ptm.merge import engine
-    from ptm.merge import search as S
+    from ptm.search import study as S
 
     tmp = tempfile.mkdtemp(prefix="bench_search_")
     try:

@@ -17,7 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ptm.model.llama import ModelConfig, param_count  # noqa: E402
+from ptm.model.config import ModelConfig  # noqa: E402
+from ptm.model.llama import param_count  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(

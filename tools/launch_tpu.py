@@ -31,8 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIP = (
-    "ptm",
-    "gin",
+    "ptm",  # includes the gin files (ptm/gin)
     "configs",
     "tools",
     "pyproject.toml",

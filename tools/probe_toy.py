@@ -21,13 +21,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ptm.data import toy  # noqa: E402
+from ptm.ckpt.params import load_checkpoint  # noqa: E402
 from ptm.data.pipeline import DataConfig, SourceConfig  # noqa: E402
 from ptm.data.tokenizers import load_tokenizer  # noqa: E402
 from ptm.eval.evalset import load_suite  # noqa: E402
-from ptm.eval.harness import evaluate, load_checkpoint  # noqa: E402
-from ptm.model.llama import ModelConfig  # noqa: E402
+from ptm.eval.harness import evaluate  # noqa: E402
+from ptm.model.config import ModelConfig  # noqa: E402
 from ptm.parallel.mesh import MeshConfig  # noqa: E402
+from ptm.toy import suite as toy  # noqa: E402
 from ptm.train.loop import train  # noqa: E402
 from ptm.train.optimizer import OptimizerConfig  # noqa: E402
 

@@ -27,22 +27,20 @@ refused.
 from __future__ import annotations
 
 import json
-import math
-import os
-import shutil
-import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from etils import epath
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
+from ptm.ckpt import tree
+from ptm.ckpt.dtypes import dtype_name, parse_dtype
+from ptm.ckpt.stores import OrbaxStore, SafetensorsStore, TensorInfo
+from ptm.ckpt.writers import OrbaxWriter, SafetensorsWriter, chunk_shape
 from ptm.errors import CheckpointError, ConfigError
-from ptm.model.llama import ModelConfig
+from ptm.model.config import ModelConfig
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -54,22 +52,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 _IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed by both sides
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-def _dtype(name: str) -> np.dtype:
-    if name in ("bfloat16", "bf16"):
-        return _BF16
-    try:
-        return np.dtype({"fp32": "float32", "fp16": "float16"}.get(name, name))
-    except TypeError as e:
-        raise ConfigError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)") from e
-
-
-def _dtype_name(dt: np.dtype) -> str:
-    return "bfloat16" if dt == _BF16 else np.dtype(dt).name
-
-
 # --------------------------------------------------------------------------------------------- config mapping
 
 
@@ -138,7 +120,7 @@ def config_to_hf(cfg: ModelConfig, dtype: np.dtype, base: dict[str, Any] | None 
             "hidden_act": "silu",
             "attention_bias": False,
             "mlp_bias": False,
-            "torch_dtype": _dtype_name(dtype),
+            "torch_dtype": dtype_name(dtype),
         }
     )
     out.pop("rope_parameters", None)
@@ -209,36 +191,8 @@ def _specs(cfg: ModelConfig) -> list[_Spec]:
     return specs
 
 
-def ptm_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    L, V, E, H, KV, D, M = (
-        cfg.num_layers,
-        cfg.vocab_size,
-        cfg.embed_dim,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.mlp_dim,
-    )
-    s = {
-        "embed.embedding": (V, E),
-        "layers.attention_norm.scale": (L, E),
-        "layers.attention.wq": (L, E, H, D),
-        "layers.attention.wk": (L, E, KV, D),
-        "layers.attention.wv": (L, E, KV, D),
-        "layers.attention.wo": (L, H, D, E),
-        "layers.mlp_norm.scale": (L, E),
-        "layers.mlp.w_gate": (L, E, M),
-        "layers.mlp.w_up": (L, E, M),
-        "layers.mlp.w_down": (L, M, E),
-        "final_norm.scale": (E,),
-    }
-    if not cfg.tie_embeddings:
-        s["lm_head.kernel"] = (E, V)
-    return s
-
-
 def _hf_shape(spec: _Spec, cfg: ModelConfig) -> tuple[int, ...]:
-    shape = ptm_shapes(cfg)[spec.ptm][1 if spec.stacked else 0 :]
+    shape = tree.shapes(cfg)[spec.ptm][1 if spec.stacked else 0 :]
     return tuple(spec.to_hf(np.empty(shape, np.int8)).shape)
 
 
@@ -276,12 +230,10 @@ def hf_to_ptm(
 ) -> ModelConfig:
     """Convert a HF Llama safetensors dir (local or gs://; one file or sharded with an index) into a ptm model
     checkpoint at `dst` (local or gs://). Reads and writes one tensor at a time. Returns the ModelConfig."""
-    from ptm.merge.stores import OrbaxWriter, SafetensorsStore, TensorInfo, chunk_shape
-
     src = str(src).rstrip("/")
     hf_cfg = _read_json(f"{src}/config.json")
     cfg = config_from_hf(hf_cfg, f"{src}/config.json")
-    out_dt = _dtype(dtype)
+    out_dt = parse_dtype(dtype)
     store = SafetensorsStore(src)
     have = store.tensors()
     specs = _specs(cfg)
@@ -319,17 +271,17 @@ def hf_to_ptm(
             )
         vocab = resize_vocab
     out_cfg = ModelConfig.from_dict(
-        {**cfg.to_dict(), "vocab_size": vocab, "param_dtype": _dtype_name(out_dt)}
+        {**cfg.to_dict(), "vocab_size": vocab, "param_dtype": dtype_name(out_dt)}
     )
 
-    shapes = ptm_shapes(out_cfg)
+    shapes = tree.shapes(out_cfg)
     infos = [TensorInfo(n, shapes[n], out_dt) for n in sorted(shapes)]
     # Per-layer chunks (<= 256 MiB): each layer slice is written on its own, never the whole stack in memory.
     chunks = {}
     for i in infos:
         per = (1, *i.shape[1:]) if i.name.startswith("layers.") else i.shape
         chunks[i.name] = chunk_shape(per, out_dt.itemsize, 256 << 20)
-    writer = OrbaxWriter(dst, infos, chunks, {}, overwrite)
+    writer = OrbaxWriter(dst, infos, chunks, {}, overwrite, inputs=[src])
     writer.prepare(is_leader=True)
     bar = _bar(sum(len(_hf_names(sp, cfg)) for sp in specs), "hf-to-ptm", progress)
     try:
@@ -401,16 +353,14 @@ def ptm_to_hf(
     """Export a ptm model checkpoint (run dir, step dir, merge output or bare Orbax dir; local or gs://) as a
     HF Llama dir: config.json, safetensors shards + model.safetensors.index.json, and the tokenizer files from
     `tokenizer_from`. Holds one stacked ptm tensor at a time in memory; returns the config."""
-    from ptm.merge.stores import OrbaxStore
-
     store = OrbaxStore(src)
     infos = store.tensors()
     shapes = {n: i.shape for n, i in infos.items()}
     if store.meta is not None:
-        cfg = ModelConfig.from_dict(store.meta["model"])
+        cfg = ckpt_format.model_config(store.meta, src)
     else:
         cfg = _infer_config(shapes, src)
-    want = ptm_shapes(cfg)
+    want = tree.shapes(cfg)
     problems = [f"missing tensor {n!r}" for n in want if n not in shapes]
     problems += [
         f"tensor {n!r} has shape {list(shapes[n])}, the model config implies {list(s)}"
@@ -420,7 +370,7 @@ def ptm_to_hf(
     problems += [f"unexpected tensor {n!r}" for n in shapes if n not in want]
     if problems:
         raise CheckpointError(f"{src}: parameters do not match the model config:\n  " + "\n  ".join(problems))
-    out_dt = _dtype(dtype)
+    out_dt = parse_dtype(dtype)
 
     base = None
     if tokenizer_from:
@@ -433,18 +383,27 @@ def ptm_to_hf(
 
     specs = _specs(cfg)
     plan = [(sp, n, _hf_shape(sp, cfg)) for sp in specs for n in _hf_names(sp, cfg)]
-    writer = _ShardedSafetensorsWriter(dst, [(n, s) for _, n, s in plan], out_dt, max_shard_bytes, overwrite)
+    writer = SafetensorsWriter(dst, [TensorInfo(n, s, out_dt) for _, n, s in plan], overwrite,
+                               max_shard_bytes=max_shard_bytes, inputs=[src])
+    extra = {"config.json": json.dumps(hf_cfg, indent=2).encode()}
+    for f in TOKENIZER_FILES if tokenizer_from else ():
+        p = epath.Path(str(tokenizer_from).rstrip("/")) / f
+        if p.exists():
+            extra[f] = p.read_bytes()
+    if not tokenizer_from:
+        extra.update(_recorded_tokenizer_files(store.meta, src))
     bar = _bar(len(plan), "ptm-to-hf", progress)
+    writer.prepare()
     try:
+        writer.open()
         for sp in specs:
             full = store.read(sp.ptm, (slice(None),) * len(shapes[sp.ptm]))
             for li, n in enumerate(_hf_names(sp, cfg)):
                 a = full[li] if sp.stacked else full
-                writer.write(n, np.ascontiguousarray(sp.to_hf(np.asarray(a)), dtype=out_dt))
+                writer.write(n, (), np.ascontiguousarray(sp.to_hf(np.asarray(a)), dtype=out_dt))
                 bar.update(1)
             del full
-        extra = {"config.json": json.dumps(hf_cfg, indent=2)}
-        writer.commit(extra, tokenizer_from)
+        writer.commit(extra_files=extra)
     except BaseException:
         writer.abort()
         raise
@@ -453,142 +412,18 @@ def ptm_to_hf(
     return hf_cfg
 
 
-class _ShardedSafetensorsWriter:
-    """Safetensors shards + index written tensor by tensor in a fixed order (local, or staged locally for gs://).
-
-    Shard boundaries come from the byte sizes up front, so each shard's header is known before its data;
-    tensors must then be written in the declared order. The output appears atomically: a local temp dir is
-    renamed, and on gs:// the index (which makes the dir loadable) is uploaded last.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        tensors: list[tuple[str, tuple[int, ...]]],
-        dtype: np.dtype,
-        max_shard_bytes: int,
-        overwrite: bool,
-    ):
-        from ptm.merge.stores import _ST_NAMES
-
-        self.path = str(path).rstrip("/")
-        self.gcs = self.path.startswith("gs://")
-        if self._exists() and not overwrite:
-            raise CheckpointError(f"{self.path}: output exists (pass --overwrite to replace it)")
-        self._clear_gcs = (
-            self.gcs and self._exists()
-        )  # gs:// has no rename: the old output goes at first upload
-        parent = tempfile.gettempdir() if self.gcs else os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        self.work = tempfile.mkdtemp(prefix=".ptm-to-hf-", dir=parent)
-        item = dtype.itemsize
-        shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-        size = 0
-        for n, s in tensors:
-            nb = math.prod(s) * item
-            if shards[-1] and size + nb > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((n, s))
-            size += nb
-        k = len(shards)
-        self.files = (
-            ["model.safetensors"]
-            if k == 1
-            else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
-        )
-        self.order: Iterator[tuple[int, str]] = iter([(fi, n) for fi, sh in enumerate(shards) for n, _ in sh])
-        self.shards, self.dtype, self.st_dtype = shards, dtype, _ST_NAMES[dtype]
-        self.weight_map = {n: self.files[fi] for fi, sh in enumerate(shards) for n, _ in sh}
-        self.total = sum(math.prod(s) * item for _, s in tensors)
-        self._fi = -1
-        self._fh = None
-
-    def _exists(self) -> bool:
-        if self.gcs:
-            from ptm.merge.stores import _gcsfs
-
-            return _gcsfs().exists(self.path)
-        return os.path.lexists(self.path)
-
-    def _open_shard(self, fi: int) -> None:
-        self._close_shard()
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for n, s in self.shards[fi]:
-            nb = math.prod(s) * self.dtype.itemsize
-            header[n] = {"dtype": self.st_dtype, "shape": list(s), "data_offsets": [off, off + nb]}
-            off += nb
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._fh = open(os.path.join(self.work, self.files[fi]), "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
-        self._fi = fi
-
-    def _close_shard(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-            if self.gcs and len(self.files) > 1:  # upload finished shards as we go; the index goes last
-                name = self.files[self._fi]
-                self._put(name)
-                os.remove(os.path.join(self.work, name))
-
-    def _put(self, name: str) -> None:
-        from ptm.merge.stores import _gcsfs
-
-        fs = _gcsfs()
-        if self._clear_gcs:
-            fs.rm(self.path, recursive=True)
-            self._clear_gcs = False
-        fs.put(os.path.join(self.work, name), f"{self.path}/{name}")
-
-    def write(self, name: str, arr: np.ndarray) -> None:
-        fi, expected = next(self.order)
-        if name != expected:
-            raise RuntimeError(f"tensor {name!r} written out of order (expected {expected!r})")
-        if fi != self._fi:
-            self._open_shard(fi)
-        self._fh.write(arr.tobytes())
-
-    def commit(self, extra_files: dict[str, str], tokenizer_from: str | None) -> None:
-        self._close_shard()
-        for n, text in extra_files.items():
-            with open(os.path.join(self.work, n), "w") as f:
-                f.write(text)
-        if tokenizer_from:
-            for f in TOKENIZER_FILES:
-                p = epath.Path(str(tokenizer_from).rstrip("/")) / f
-                if p.exists():
-                    (epath.Path(self.work) / f).write_bytes(p.read_bytes())
-        if len(self.files) > 1:
-            with open(os.path.join(self.work, "model.safetensors.index.json"), "w") as f:
-                json.dump(
-                    {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2
-                )
-        if self.gcs:
-            last = [
-                n
-                for n in ("model.safetensors.index.json", "model.safetensors")
-                if os.path.exists(os.path.join(self.work, n))
-            ]
-            for n in [n for n in sorted(os.listdir(self.work)) if n not in last] + last:
-                self._put(n)
-            shutil.rmtree(self.work, ignore_errors=True)
-            return
-        if os.path.lexists(self.path):
-            old = self.work + ".old"
-            os.rename(self.path, old)
-            os.rename(self.work, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.work, self.path)
-
-    def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        shutil.rmtree(self.work, ignore_errors=True)
+def _recorded_tokenizer_files(meta: dict[str, Any] | None, src: str) -> dict[str, bytes]:
+    """The tokenizer file named in the checkpoint's metadata (a SentencePiece `.model` or a `tokenizer.json`),
+    under the name Hugging Face loaders look for; nothing for the built-in byte tokenizer."""
+    tok = (meta or {}).get("tokenizer")
+    if not tok or tok == "byte":
+        return {}
+    p = epath.Path(tok)
+    if not p.exists():
+        raise CheckpointError(f"{src}: its metadata names tokenizer {tok!r}, which does not exist; pass "
+                              "--tokenizer-from DIR")
+    name = "tokenizer.json" if p.name.endswith(".json") else "tokenizer.model"
+    return {name: p.read_bytes()}
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -88,7 +88,7 @@ def _recipe_models(path: str):
         from ptm.merge.engine import merge_to_tree
     except ImportError as e:
         raise PtmError(f"--recipe {path}: the merge engine is not available in this build ({e})") from None
-    from ptm.model.llama import ModelConfig
+    from ptm.ckpt import format as ckpt_format
 
     recipes = R.load(path)
     for i, rec in enumerate(recipes):
@@ -96,7 +96,7 @@ def _recipe_models(path: str):
         meta = next((m for m in metas.values() if m and m.get("model")), None)
         if meta is None:
             raise ConfigError(f"{path}: no input has ptm/metadata with a model config; cannot evaluate")
-        config = ModelConfig.from_dict(meta["model"])
+        config = ckpt_format.model_config(meta, path)
         name = rec.name or (path if len(recipes) == 1 else f"{path}[{i}]")
         yield name, merge_to_tree(rec), config, {**meta, "provenance": {"recipe": path, **rec.to_dict()}}
 
@@ -124,9 +124,10 @@ def format_table(name: str, result) -> str:
 
 
 def run_eval(args) -> int:
+    from ptm.ckpt.params import load_checkpoint, read_model_config
     from ptm.data.tokenizers import load_tokenizer
     from ptm.eval.evalset import load_suite
-    from ptm.eval.harness import GenerationConfig, check_vocab, evaluate, load_checkpoint, read_model_config
+    from ptm.eval.harness import GenerationConfig, check_vocab, evaluate
 
     if not args.checkpoints and not args.recipe:
         raise ConfigError("nothing to evaluate: give checkpoint paths and/or --recipe")

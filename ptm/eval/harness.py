@@ -22,13 +22,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ptm.ckpt.params import place_params
 from ptm.data.chat import encode_prompt
 from ptm.data.tokenizers import Tokenizer
 from ptm.errors import CheckpointError, DataError
 from ptm.eval import scorers
 from ptm.eval.evalset import EvalItem, load_suite
-from ptm.model.llama import ModelConfig, forward, forward_with_cache, init_cache
-from ptm.parallel.mesh import DEFAULT_RULES, data_parallel_size, param_shardings
+from ptm.model.config import ModelConfig
+from ptm.model.llama import forward, forward_with_cache, init_cache
+from ptm.parallel.mesh import DEFAULT_RULES, data_parallel_size
 
 MIN_BUCKET = 16
 VOCAB_PAD_MULTIPLE = 128
@@ -47,36 +49,6 @@ def check_vocab(config: ModelConfig, tokenizer: Tokenizer, where: str = "checkpo
             f"(vocab_size={tv}; allowed {tv}..{max(padded, tv)}, i.e. padding to a multiple of "
             f"{VOCAB_PAD_MULTIPLE})"
         )
-
-
-def read_model_config(path: str) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, meta) from a checkpoint's ptm/metadata, without reading any tensor."""
-    from ptm import ckpt_format
-
-    ref = ckpt_format.resolve(path)
-    if ref.meta is None or "model" not in ref.meta:
-        raise CheckpointError(f"{ref.root}: no ptm/metadata with a model config; cannot tell the model shape")
-    try:
-        return ModelConfig.from_dict(ref.meta["model"]), ref.meta
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ref.root}: bad model config in ptm/metadata: {e}") from e
-
-
-def load_checkpoint(path: str, mesh: Mesh | None = None) -> tuple[Any, ModelConfig, dict]:
-    """(params, ModelConfig, meta) of a ptm checkpoint; params sharded like training when `mesh` is given."""
-    from ptm.train.checkpoint import load_params
-
-    config, _ = read_model_config(path)
-    shardings = param_shardings(config, mesh) if mesh is not None else None
-    params, meta = load_params(path, shardings, model_config=config)
-    return params, config, meta
-
-
-def place_params(params, config: ModelConfig, mesh: Mesh | None):
-    """Put an in-memory tree (numpy or jax) on the mesh with the training shardings (no-op without a mesh)."""
-    if mesh is None:
-        return params
-    return jax.device_put(params, param_shardings(config, mesh))
 
 
 # -------------------------------------------------------------------------------------- compiled functions

@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptm.data import toy
 from ptm.errors import ConfigError
-from ptm.model.llama import ModelConfig
+from ptm.model.config import ModelConfig
 from ptm.parallel.mesh import MeshConfig
 from ptm.toml_file import load_toml
+from ptm.toy import suite as toy
 
 RUN_KINDS = ("pretrain", "general", "skill", "cft", "rt")
 MERGE_METHODS = ("task_arithmetic", "linear_interpolation", "wise_ft")

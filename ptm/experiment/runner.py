@@ -238,7 +238,7 @@ class Experiment:
     def prepare_data(self) -> None:
         cfg = self.cfg
         if cfg.suite is not None:
-            from ptm.data.toy import generate_suite
+            from ptm.toy.suite import generate_suite
 
             suite_dir = os.path.join(self.out, "suite")
             with self._timed("suite"):
@@ -478,7 +478,7 @@ class Experiment:
 
     def _eval_items(self, split: str, tasks: Sequence[str]) -> list:
         if split not in self._items:
-            import ptm.data.toy  # noqa: F401  (registers the toy_lisp checker its coding items use)
+            import ptm.toy.suite  # noqa: F401  (registers the toy_lisp checker its coding items use)
             from ptm.eval.evalset import load_suite
 
             items = load_suite(self.cfg.resolve(getattr(self.cfg.eval, split)))
@@ -577,11 +577,9 @@ class Experiment:
         return self._mesh
 
     def _params(self, m: ModelSpec):
-        from ptm.model.llama import ModelConfig
-
         mesh = self._eval_mesh()
         if m.run is not None:
-            from ptm.eval.harness import load_checkpoint
+            from ptm.ckpt.params import load_checkpoint
 
             params, mcfg, _ = load_checkpoint(m.run, mesh=mesh)
             return params, mcfg
@@ -589,14 +587,15 @@ class Experiment:
         from ptm.merge.engine import merge_to_tree
 
         if self._model_cfg is None:
-            from ptm import ckpt_format
+            from ptm.ckpt import format as ckpt_format
 
-            self._model_cfg = ModelConfig.from_dict(ckpt_format.resolve(self.general_path).meta["model"])
+            self._model_cfg = ckpt_format.resolve(self.general_path).model_config()
         shardings = None
         if mesh is not None:  # each device's slice is merged from just that slice of the inputs
-            from ptm.parallel.mesh import param_shardings
+            from ptm.ckpt.tree import flatten
+            from ptm.model.sharding import param_shardings
 
-            shardings = _flatten(param_shardings(self._model_cfg, mesh))
+            shardings = flatten(param_shardings(self._model_cfg, mesh))
         tree = merge_to_tree(R.Recipe(**m.recipe), shardings=shardings, store_cache=self._store_cache)
         return tree, self._model_cfg
 
@@ -618,16 +617,6 @@ def _ckpt_identity(path: str) -> Any:
         d = _read_json(rj)
         return {"path": path, "steps": d.get("steps"), "data": d.get("data")}
     return {"path": path}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": leaf} (the tensor names of docs/architecture.md)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _try_json(path: str) -> dict[str, Any] | None:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time
@@ -28,10 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from ptm.ckpt import format as ckpt_format
+from ptm.ckpt import placement, tree
+from ptm.ckpt import stores as S
+from ptm.ckpt import writers as W
+from ptm.ckpt.dtypes import parse_dtype
 from ptm.errors import MergeError
 from ptm.merge import methods as M
 from ptm.merge import recipe as R
-from ptm.merge import stores as S
 
 PIECE_BYTES = 16 << 20  # float32 bytes of one piece (= one output chunk)
 BLOCK = 1 << 15  # elements per cache-sized block of the inner loop
@@ -49,7 +52,7 @@ class _Job:
     heuristic: list[float] | None
     weights: dict[str, R.WeightPlan] = field(default_factory=dict)
     out_dtypes: dict[str, np.dtype] = field(default_factory=dict)
-    writer: S.OutputWriter | None = None
+    writer: W.OutputWriter | None = None
 
 
 @dataclass
@@ -91,12 +94,12 @@ def check_compatible(stores: list[S.InputStore]) -> dict[str, S.TensorInfo]:
 
 
 def _n_layers(infos: dict[str, S.TensorInfo]) -> int:
-    stacked = {i.shape[0] for n, i in infos.items() if R.is_stacked_layer(n) and i.shape}
+    stacked = {i.shape[0] for n, i in infos.items() if tree.is_stacked_layer(n) and i.shape}
     if len(stacked) > 1:
         raise MergeError(f"tensors under layers.* disagree on the layer axis: {sorted(stacked)}")
     if stacked:
         return stacked.pop()
-    idx = [R.layer_of(n) for n in infos]
+    idx = [tree.layer_of(n) for n in infos]
     idx = [i for i in idx if i is not None]
     return max(idx) + 1 if idx else 0
 
@@ -120,8 +123,9 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
         extra = set(r.inputs) - set(method.required) - set(method.optional)
         if extra:
             raise MergeError(f"method {method.name!r} does not use input(s) {sorted(extra)}")
-        if method.name in ("linear_interpolation",) and len(r.inputs["skills"]) != 1:
-            raise MergeError("linear_interpolation takes exactly one skill")
+        problem = method.check_inputs(r.inputs) if method.check_inputs else None
+        if problem:
+            raise MergeError(f"method {method.name!r}: {problem}")
         opts = M.check_options(method, r.options())
         jobs.append(_Job(r, method, opts, {}, None))
     cache = store_cache if store_cache is not None else {}
@@ -143,7 +147,7 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
             o["weights"] == "heuristic" for o in j.recipe.overrides
         )
         j.heuristic = R.heuristic_omegas(j.recipe, metas) if uses_h else None
-        odt = S.parse_dtype(j.recipe.output_dtype) if j.recipe.output_dtype else None
+        odt = parse_dtype(j.recipe.output_dtype) if j.recipe.output_dtype else None
         for n, info in infos.items():
             j.weights[n] = R.resolve_weights(j.recipe, j.method, n, n_layers, j.heuristic)
             j.out_dtypes[n] = odt or info.dtype
@@ -216,37 +220,14 @@ class _Combiner:
         self.check_finite = not all(j.recipe.allow_nonfinite for j in plan.jobs)
         self.stats: dict[tuple[int, str], dict[str, Any]] = {}
         self._bufs = [np.empty(BLOCK, np.float32) for _ in plan.stores]
-        # Task vectors (skill - pre) shared by every task-arithmetic job of a sweep: computed once per block.
-        self._tau_bufs: dict[tuple[int, int], np.ndarray] = {}
-        self._tmp = np.empty(BLOCK, np.float32)
-
-    def _task_arithmetic(self, roles, w: list[float], bufs: list[np.ndarray], taus: dict, m: int) -> np.ndarray:
-        """Bit-identical to methods.task_arithmetic (anchor + w_0 tau_0 + w_1 tau_1 ..., same rounding order),
-        but each tau = skill - pre is computed once per block for all jobs (a sweep) instead of once per job.
-        """
-        pre = roles["pre"]
-        out = self._tmp[:m]
-        for k, (si, wk) in enumerate(zip(roles["skills"], w, strict=True)):
-            key = (si, pre)
-            if key not in taus:
-                buf = self._tau_bufs.setdefault(key, np.empty(BLOCK, np.float32))[:m]
-                np.subtract(bufs[si], bufs[pre], out=buf)
-                taus[key] = buf
-            if k == 0:
-                np.multiply(taus[key], np.float32(wk), out=out)
-                np.add(bufs[roles.get("general", pre)], out, out=out)  # anchor + w tau (addition commutes)
-            else:
-                out += np.float32(wk) * taus[key]
-        if not roles["skills"]:
-            out[...] = bufs[roles.get("general", pre)]
-        return out
+        self._shared = M.SharedBlock(BLOCK)  # work that the jobs of one pass share (methods' fast paths)
 
     def tensor_stats(self, name: str) -> None:
         """Per-tensor statistics (TIES thresholds) over the *whole* tensor, so every shard uses the same
         ones."""
         info = self.plan.infos[name]
         full = _norm_index((), info.shape)
-        chunk = S.chunk_shape(info.shape, 4, PIECE_BYTES)
+        chunk = W.chunk_shape(info.shape, 4, PIECE_BYTES)
         for ji, j in enumerate(self.plan.jobs):
             if j.method.stats is None:
                 continue
@@ -268,8 +249,8 @@ class _Combiner:
         info = self.plan.infos[name]
         pshape = tuple(s.stop - s.start for s in index)
         outs = [np.empty(pshape, j.out_dtypes[name]) for j in self.plan.jobs]
-        stacked = R.is_stacked_layer(name) and len(pshape) > 0
-        hf_layer = R.layer_of(name)
+        stacked = tree.is_stacked_layer(name) and len(pshape) > 0
+        hf_layer = tree.layer_of(name)
         # Rows with one weight each: one layer per row for stacked tensors, else the whole piece.
         groups = [(r, r + 1) for r in range(pshape[0])] if stacked else [(0, pshape[0] if pshape else 1)]
         for g0, g1 in groups:
@@ -311,10 +292,10 @@ class _Combiner:
                         else np.zeros(1, np.uint64)
                     )
 
-                taus: dict[tuple[int, int], np.ndarray] = {}
+                self._shared.start(m)
                 for ji, j in enumerate(self.plan.jobs):
-                    if j.method.fn is M.task_arithmetic:
-                        dst[ji][j0:j1] = self._task_arithmetic(j.roles, ws[ji], bufs, taus, m)
+                    if j.method.shared_fn is not None:
+                        dst[ji][j0:j1] = j.method.shared_fn(j.roles, ws[ji], bufs, self._shared, **j.opts)
                         continue
                     x = {
                         k: ([bufs[i] for i in v] if isinstance(v, list) else bufs[v])
@@ -362,6 +343,7 @@ class MergeSummary:
     memory_bound_bytes: int
     bytes_read: int
     bytes_written: int
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [
@@ -376,6 +358,7 @@ class MergeSummary:
             f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB (bound for merge buffers "
             f"{self.memory_bound_bytes / 2**20:.0f} MiB + mapped input pages)"
         )
+        out.extend(f"  note: {n}" for n in self.notes)
         return out
 
 
@@ -388,7 +371,7 @@ def _layout(plan: Plan, mesh) -> tuple[dict[str, tuple[int, ...]], dict[str, lis
             sh = default_sharding(mesh, info.shape)
             shard_shape = sh.shard_shape(info.shape)
             regs = local_shards(sh, info.shape)
-        chunks[n] = S.chunk_shape(shard_shape, 4, PIECE_BYTES)
+        chunks[n] = W.chunk_shape(shard_shape, 4, PIECE_BYTES)
         regions[n] = regs
     return chunks, regions
 
@@ -402,34 +385,47 @@ def _memory_bound(plan: Plan, chunks: dict[str, tuple[int, ...]]) -> int:
 
 
 def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, mesh) -> None:
+    """One writer per job; every output is checked (placement rules, existence) before anything is written."""
     outs = [j.recipe.out for j in plan.jobs]
     if any(o is None for o in outs):
         raise MergeError("every recipe needs an output path (`out`)")
-    norm = [os.path.abspath(o) if not S.is_gcs(o) else o.rstrip("/") for o in outs]
+    norm = [placement.normalize(o) for o in outs]
     if len(set(norm)) != len(norm):
         raise MergeError(f"two recipes write the same output: {outs}")
-    ins = {os.path.abspath(s.path) if not S.is_gcs(s.path) else s.path.rstrip("/") for s in plan.stores}
-    for o in norm:
-        if o in ins:
-            raise MergeError(f"{o}: output is also an input")
+    inputs = [s.path for s in plan.stores]
+    for o in outs:
+        if _process()[0] == 0:
+            placement.recover(o, say=lambda m: print(m, file=sys.stderr, flush=True))
+        placement.check(o, overwrite, inputs)
     keys_src = next((s for s in plan.stores if isinstance(s, S.OrbaxStore)), None)
     for j in plan.jobs:
         fmt = j.recipe.output_format or plan.stores[0].kind
         infos = [S.TensorInfo(n, i.shape, j.out_dtypes[n]) for n, i in plan.infos.items()]
         if fmt == "orbax":
             keys = {n: keys_src.keys(n) for n in plan.infos} if keys_src else {}
-            j.writer = S.OrbaxWriter(
-                j.recipe.out, infos, chunks, {k: v for k, v in keys.items() if v}, overwrite
-            )
+            j.writer = W.OrbaxWriter(j.recipe.out, infos, chunks, {k: v for k, v in keys.items() if v}, overwrite,
+                                     inputs=inputs)
         elif fmt == "safetensors":
             if _process()[1] > 1:
                 raise MergeError(
                     "safetensors outputs are written by one process; use an Orbax output for a "
                     "multi-process merge and convert it afterwards"
                 )
-            j.writer = S.SafetensorsWriter(j.recipe.out, infos, overwrite)
+            j.writer = W.SafetensorsWriter(j.recipe.out, infos, overwrite, inputs=inputs)
         else:
             raise MergeError(f"unknown output_format {fmt!r} (orbax or safetensors)")
+
+
+def output_tokenizer(stores: list[S.InputStore]) -> tuple[str | None, str | None]:
+    """(tokenizer, note): the tokenizer every input's metadata names, or None and a note saying why not."""
+    toks = {s.path: (s.meta or {}).get("tokenizer") for s in stores}
+    named = {t for t in toks.values() if t}
+    if len(named) == 1 and all(toks.values()):
+        return named.pop(), None
+    if not named:
+        return None, None
+    listed = ", ".join(f"{p}: {t or 'none recorded'}" for p, t in toks.items())
+    return None, f"inputs name different tokenizers ({listed}); the output records none"
 
 
 def _provenance(j: _Job) -> dict[str, Any]:
@@ -464,6 +460,7 @@ def merge(
             f"ptm merge: {len(pl.infos)} tensors, {len(pl.stores)} input(s), {len(pl.jobs)} output(s); "
             f"merge buffers bounded by ~{bound / 2**20:.0f} MiB"
         )
+    tokenizer, tok_note = output_tokenizer(pl.stores)
     for j in pl.jobs:
         j.writer.prepare(leader)
     _barrier("ptm-merge-prepared")
@@ -508,11 +505,7 @@ def merge(
         _barrier("ptm-merge-written")
         model = next((s.meta.get("model") for s in pl.stores if s.meta and s.meta.get("model")), None)
         for j in pl.jobs:
-            from ptm import ckpt_format
-
-            meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j))
-            meta.pop("format")
-            meta.pop("version")
+            meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j), tokenizer=tokenizer)
             j.writer.commit(meta, leader)
         _barrier("ptm-merge-committed")
     except BaseException:
@@ -528,23 +521,12 @@ def merge(
         memory_bound_bytes=bound,
         bytes_read=read_b,
         bytes_written=written,
+        notes=[tok_note] if tok_note else [],
     )
     if summary:
         for line in result.lines():
             say(line)
     return result
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """`{"a.b": x}` -> `{"a": {"b": x}}`: tensor names back into the parameter tree."""
-    tree: dict[str, Any] = {}
-    for name, v in flat.items():
-        d = tree
-        *head, last = name.split(".")
-        for k in head:
-            d = d.setdefault(k, {})
-        d[last] = v
-    return tree
 
 
 def merge_to_tree(
@@ -563,7 +545,7 @@ def merge_to_tree(
         info = pl.infos[name]
         shape = tuple(s.stop - s.start for s in reg)
         out = np.empty(shape, pl.jobs[0].out_dtypes[name])
-        for p in pieces(reg, S.chunk_shape(shape, 4, PIECE_BYTES)):
+        for p in pieces(reg, W.chunk_shape(shape, 4, PIECE_BYTES)):
             arrays = [s.read(name, p) for s in pl.stores]
             local = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(p, reg, strict=True))
             out[local] = comb.combine(name, p, arrays)[0]
@@ -592,4 +574,4 @@ def merge_to_tree(
             return cache[key]
 
         flat[name] = jax.make_array_from_callback(info.shape, sh, cb)
-    return nest(flat)
+    return tree.nest(flat)

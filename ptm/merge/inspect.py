@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ptm.merge import engine, recipe
-from ptm.merge import stores as S
+from ptm.ckpt import stores as S
+from ptm.ckpt import tree
+from ptm.ckpt.writers import chunk_shape
+from ptm.merge import engine
 
 
 def inspect_checkpoint(path: str) -> list[S.TensorInfo]:
@@ -82,9 +84,9 @@ def diff(a: str, b: str, base: str | None = None) -> DiffResult:
     total = _Acc()
     for name, info in infos.items():
         acc = _Acc()
-        chunk = S.chunk_shape(info.shape, 4, engine.PIECE_BYTES)
-        stacked = recipe.is_stacked_layer(name) and len(info.shape) > 0
-        hf = recipe.layer_of(name)
+        chunk = chunk_shape(info.shape, 4, engine.PIECE_BYTES)
+        stacked = tree.is_stacked_layer(name) and len(info.shape) > 0
+        hf = tree.layer_of(name)
         for p in engine.pieces(engine._norm_index((), info.shape), chunk):
             xa, xb = (s.read(name, p).astype(np.float32) for s in stores[:2])
             if base:

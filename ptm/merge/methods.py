@@ -42,11 +42,33 @@ class Method:
     options: dict[str, Any]  # option name -> default
     stats: Callable[..., dict[str, Any]] | None = None  # per-tensor statistics (see tensor_stats)
     doc: str = ""
+    # Optional fast path for the engine's blocks: fn(roles, weights, bufs, shared, **opts) -> block, bit-identical
+    # to `fn`, where `roles` maps each role to indices into `bufs` (one float32 block per input) and `shared`
+    # (a SharedBlock) lets the jobs of one pass (a sweep) reuse intermediate results.
+    shared_fn: Callable[..., np.ndarray] | None = None
+    check_inputs: Callable[[dict[str, Any]], str | None] | None = None  # a problem with the inputs, or None
 
     def n_weights(self, inputs: dict[str, Any]) -> int:
         if self.weighted == "omega":
             return 1
         return len(inputs.get(self.weighted) or [])
+
+
+class SharedBlock:
+    """Scratch space for methods' fast paths over one block of elements: `memo` holds results any job of the
+    pass may reuse (cleared for every block); `scratch(key)` is a persistent buffer of the block's length."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.m = capacity, 0
+        self.memo: dict[Any, np.ndarray] = {}
+        self._bufs: dict[Any, np.ndarray] = {}
+
+    def start(self, m: int) -> None:
+        self.m = m
+        self.memo.clear()
+
+    def scratch(self, key: Any) -> np.ndarray:
+        return self._bufs.setdefault(key, np.empty(self.capacity, np.float32))[: self.m]
 
 
 REGISTRY: dict[str, Method] = {}
@@ -77,6 +99,31 @@ def task_arithmetic(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
     out = np.array(x.get("general", pre), dtype=np.float32, copy=True)
     for s, wk in zip(x["skills"], w, strict=True):
         out += _f32(wk) * (s - pre)
+    return out
+
+
+def task_arithmetic_shared(roles: dict[str, Any], w: list[float], bufs: list[np.ndarray],
+                           shared: SharedBlock) -> np.ndarray:
+    """Bit-identical to `task_arithmetic` (anchor + w_0 tau_0 + w_1 tau_1 ..., same rounding order), but each
+    tau = skill - pre is computed once per block for all jobs of a pass (a sweep) instead of once per job."""
+    pre = roles["pre"]
+    anchor = bufs[roles.get("general", pre)]
+    out = shared.scratch("task_arithmetic.out")
+    if not roles["skills"]:
+        out[...] = anchor
+        return out
+    for k, (si, wk) in enumerate(zip(roles["skills"], w, strict=True)):
+        key = ("tau", si, pre)
+        if key not in shared.memo:
+            tau = shared.scratch(key)
+            np.subtract(bufs[si], bufs[pre], out=tau)
+            shared.memo[key] = tau
+        tau = shared.memo[key]
+        if k == 0:
+            np.multiply(tau, np.float32(wk), out=out)
+            np.add(anchor, out, out=out)  # anchor + w tau (addition commutes)
+        else:
+            out += np.float32(wk) * tau
     return out
 
 
@@ -223,6 +270,7 @@ register(
         "skills",
         {},
         doc="theta_G + sum_k omega_k (theta_k - theta_pre)",
+        shared_fn=task_arithmetic_shared,
     )
 )
 register(
@@ -234,6 +282,7 @@ register(
         "omega",
         {},
         doc="theta_pre + omega tau_D + (1-omega) tau_G",
+        check_inputs=lambda inputs: None if len(inputs.get("skills") or []) == 1 else "takes exactly one skill",
     )
 )
 register(

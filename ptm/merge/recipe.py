@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
 from ptm.errors import ConfigError, MergeError
 from ptm.merge import methods
 from ptm.toml_file import load_toml
@@ -184,19 +184,6 @@ def input_metas(recipe: Recipe) -> dict[str, dict[str, Any] | None]:
         except Exception:  # safetensors inputs have no ptm metadata
             out[p] = None
     return out
-
-
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    """Layer index of an unstacked (HF-style) tensor name such as `model.layers.3.mlp.up_proj.weight`."""
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
-def is_stacked_layer(name: str) -> bool:
-    return name.startswith("layers.")
 
 
 def schedule_values(spec: Any, n_layers: int, where: str) -> tuple[np.ndarray, float]:

@@ -9,15 +9,15 @@ the merge engine and converters rely on — does not depend on it. Parameters ar
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ptm.model.config import ModelConfig
 
 Params = dict[str, Any]
 
@@ -27,62 +27,6 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shapes and numerics of the decoder. Defaults are a tiny CPU model."""
-
-    vocab_size: int = 259  # the built-in byte tokenizer
-    embed_dim: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    mlp_dim: int = 384
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    scan_layers: bool = True
-    remat: str = "none"  # none | full | dots | save_dots
-    dtype: str = "bfloat16"
-    param_dtype: str = "float32"
-    max_seq_len: int = 2048
-
-    def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.remat not in _REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(_REMAT_POLICIES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**d)
-
-    # Fields that change the parameter tree (resuming or merging across a change in these is an error).
-    def shape_dict(self) -> dict[str, Any]:
-        keys = (
-            "vocab_size",
-            "embed_dim",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "mlp_dim",
-            "tie_embeddings",
-        )
-        return {k: getattr(self, k) for k in keys}
 
 
 def _dtype(name: str) -> jnp.dtype:

@@ -1,6 +1,7 @@
 """Device mesh (data × fsdp × tensor) and logical-axis rules, MaxText style.
 
-Every parameter and activation carries logical axis names (see `ptm.model.llama`); a rules table — configured
+Every parameter and activation carries logical axis names (see `ptm.model.llama`; the parameters' shardings
+are built in `ptm.model.sharding`); a rules table — configured
 with gin — maps them to mesh axes. A mesh axis is used at most once per array: flax gives it to the first rule
 in the table that claims it, so order matters.
 """
@@ -94,29 +95,6 @@ def tree_shardings(logical_tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
         logical_tree,
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-
-
-def param_shardings(model_config, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for the parameter tree of `model_config`.
-
-    A dimension that its mesh axes do not divide (e.g. 2 KV heads on tensor=4) is replicated instead of failing,
-    so small models run on any mesh; big configs are checked by `tools/aot_check.py`.
-    """
-    from ptm.model.llama import abstract_params, logical_axes
-
-    shardings = tree_shardings(logical_axes(model_config), mesh, rules)
-    return jax.tree.map(_fit, abstract_params(model_config), shardings)
-
-
-def _fit(leaf, sh: NamedSharding) -> NamedSharding:
-    spec = []
-    for dim, axes in zip(
-        leaf.shape, tuple(sh.spec) + (None,) * (len(leaf.shape) - len(sh.spec)), strict=True
-    ):
-        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        n = math.prod(sh.mesh.shape[a] for a in names)
-        spec.append(axes if n and dim % n == 0 else None)
-    return NamedSharding(sh.mesh, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -6,7 +6,6 @@ model config, step, data counts). `params` alone is a complete model checkpoint 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
 from ptm.errors import CheckpointError
-from ptm.model.llama import ModelConfig
 
 
 class RunCheckpointer:
@@ -91,57 +89,3 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def check_same_model(meta: dict, cfg: ModelConfig, where: str) -> None:
-    """Refuse to resume/init from a checkpoint whose parameter shapes differ from the configured model."""
-    theirs = ModelConfig.from_dict(meta["model"]).shape_dict()
-    ours = cfg.shape_dict()
-    diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{where}: model config differs from the checkpoint's ({lines})")
-
-
-class _NoItemMetadataWarning(logging.Filter):
-    """Orbax warns "Metadata file does not exist: .../params/_CHECKPOINT_METADATA" whenever one item of a
-    CheckpointManager step is restored on its own (the file lives in the step dir). It is expected here and
-    only alarms users, so it is dropped; other Orbax warnings pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith("Metadata file does not exist")
-
-
-logging.getLogger("absl").addFilter(_NoItemMetadataWarning())
-
-
-def load_params(path: str | epath.Path, shardings=None, *, model_config: ModelConfig | None = None):
-    """Load just the params of a model checkpoint (run dir, step dir, merge output or bare Orbax dir).
-
-    With `shardings` (a tree of NamedSharding), each process reads only its shards. Returns (params, meta).
-    """
-    ref = ckpt_format.resolve(path)
-    if model_config is not None and ref.meta is not None:
-        check_same_model(ref.meta, model_config, str(ref.root))
-    ckptr = ocp.StandardCheckpointer()
-    tree = _meta_tree(ckptr, ref.params_path)  # names, shapes, dtypes: read once, no arrays
-    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-    if shardings is None:  # everything on the first local device
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: dev, tree, is_leaf=is_leaf)
-    abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings,
-                            is_leaf=is_leaf)
-    try:
-        params = ckptr.restore(ref.params_path, abstract)
-    except Exception as e:
-        raise CheckpointError(f"{ref.params_path}: cannot read params: {e}") from e
-    return params, ref.meta
-
-
-def _meta_tree(ckptr, params_path):
-    try:
-        meta_tree = ckptr.metadata(params_path)
-    except Exception as e:
-        raise CheckpointError(f"{params_path}: not a readable Orbax checkpoint: {e}") from e
-    tree = getattr(meta_tree, "item_metadata", meta_tree)
-    return getattr(tree, "tree", tree)

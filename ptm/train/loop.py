@@ -16,13 +16,15 @@ import jax
 import numpy as np
 from etils import epath
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
+from ptm.ckpt.params import check_same_model, load_params
 from ptm.data.pipeline import DataConfig, build_train_data
 from ptm.data.tokenizers import load_tokenizer
 from ptm.errors import CheckpointError, ConfigError
-from ptm.model.llama import ModelConfig, flops_per_token, param_count
+from ptm.model.config import ModelConfig
+from ptm.model.llama import flops_per_token, param_count
 from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size, make_mesh
-from ptm.train.checkpoint import RunCheckpointer, check_same_model, load_params
+from ptm.train.checkpoint import RunCheckpointer
 from ptm.train.metrics import MetricsLogger, peak_flops_per_device
 from ptm.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from ptm.train.step import init_state, jit_train_step, state_shardings

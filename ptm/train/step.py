@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ptm.model.llama import ModelConfig, abstract_params, forward
-from ptm.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding, param_shardings
+from ptm.model.config import ModelConfig
+from ptm.model.llama import abstract_params, forward
+from ptm.model.sharding import param_shardings
+from ptm.parallel.mesh import DEFAULT_RULES, Rules, batch_sharding
 
 TrainState = dict[str, Any]  # {"step": int32 scalar, "params": tree, "opt_state": tree}
 

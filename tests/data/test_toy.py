@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from ptm.data import toy
 from ptm.data.chat import encode_chat
 from ptm.data.sources import read_examples
 from ptm.data.tokenizers import ByteTokenizer
 from ptm.errors import ConfigError, DataError
 from ptm.eval import evalset, scorers
+from ptm.toy import suite as toy
 
 SMALL = {"pretrain": 300, "general": 250, "science": 60, "safety": 90, "coding": 120, "eval": 40}
 TRAIN_FILES = ("general", "science", "safety", "coding")
@@ -400,7 +400,7 @@ def test_program_scorer_uses_the_toy_checker():
 
 def test_cli_writes_a_suite_and_reports_bad_sizes(tmp_path):
     out = tmp_path / "cli"
-    args = [sys.executable, "-m", "ptm.data.toy", str(out), "--seed", "3"]
+    args = [sys.executable, "-m", "ptm.toy.suite", str(out), "--seed", "3"]
     small = [f"--size={k}={v}" for k, v in SMALL.items()]
     r = subprocess.run(args + small, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from ptm.data.tokenizers import load_tokenizer
-from ptm.model.llama import ModelConfig, init_params
+from ptm.model.config import ModelConfig
+from ptm.model.llama import init_params
 
 
 @pytest.fixture(scope="session")

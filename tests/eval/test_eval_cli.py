@@ -13,10 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
+from ptm.ckpt.params import load_checkpoint
 from ptm.cli import main
-from ptm.eval.harness import evaluate, load_checkpoint
-from ptm.model.llama import ModelConfig, init_params
+from ptm.eval.harness import evaluate
+from ptm.model.config import ModelConfig
+from ptm.model.llama import init_params
 
 
 def save_checkpoint(path, cfg: ModelConfig, params) -> None:

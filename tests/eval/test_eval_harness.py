@@ -15,7 +15,8 @@ from ptm.data.chat import encode_prompt
 from ptm.errors import CheckpointError, DataError
 from ptm.eval.evalset import load_suite, parse_item
 from ptm.eval.harness import GenerationConfig, check_vocab, compiled_for, evaluate, generate
-from ptm.model.llama import ModelConfig, forward
+from ptm.model.config import ModelConfig
+from ptm.model.llama import forward
 from ptm.parallel.mesh import MeshConfig, make_mesh
 
 

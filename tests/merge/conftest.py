@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 L = 3

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
+from ptm.ckpt import stores as S
 from ptm.merge import engine, methods
-from ptm.merge import stores as S
 from ptm.merge.recipe import Recipe
 from ptm.train.checkpoint import RunCheckpointer
 from tests.merge.conftest import BF16

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
 from ptm.errors import CheckpointError
 from ptm.merge import engine
 from ptm.merge.recipe import Recipe, expand_sweep

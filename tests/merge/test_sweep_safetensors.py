@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ptm.ckpt import stores as S
+from ptm.ckpt import writers as W
 from ptm.merge import engine, methods
-from ptm.merge import stores as S
 from ptm.merge.recipe import Recipe
 from tests.merge.conftest import BF16, save_safetensors
 
 
 def test_safetensors_sweep_matches_method(tmp_path, monkeypatch):
-    monkeypatch.setattr(S.SafetensorsWriter, "DROP_EVERY", 1)  # flush + drop after every piece
+    monkeypatch.setattr(W.SafetensorsWriter, "DROP_EVERY", 1)  # flush + drop after every piece
     monkeypatch.setattr(engine, "PIECE_BYTES", 4096)  # many pieces per tensor, many queued writes
     trees = {}
     for i, n in enumerate(["pre", "g", "s1", "s2"]):

@@ -91,7 +91,7 @@ def ckpt(out: str) -> dict:
 
 
 def tiny_model_config():
-    from ptm.model.llama import ModelConfig
+    from ptm.model.config import ModelConfig
 
     return ModelConfig(
         vocab_size=64,
@@ -125,7 +125,7 @@ def train(out: str) -> dict:
     import jax
     from jax.experimental import multihost_utils
 
-    from ptm import ckpt_format
+    from ptm.ckpt import format as ckpt_format
     from ptm.parallel.mesh import MeshConfig, batch_sharding, make_mesh
     from ptm.train.checkpoint import RunCheckpointer
     from ptm.train.optimizer import OptimizerConfig, make_optimizer
@@ -200,7 +200,7 @@ def merge(out: str, pre: str, general: str, skill: str, dst: str) -> dict:
 def loop(out: str, data_path: str, run_dir: str) -> dict:
     """The real training loop (per-host data, sharded step, async checkpoints): 2 steps, stop, resume."""
     from ptm.data.pipeline import DataConfig, SourceConfig
-    from ptm.model.llama import ModelConfig
+    from ptm.model.config import ModelConfig
     from ptm.parallel.mesh import MeshConfig
     from ptm.train.loop import train
     from ptm.train.optimizer import OptimizerConfig

@@ -65,7 +65,7 @@ def _ptm_logits(params, cfg, tokens):
 
 
 def _load(path):
-    from ptm.train.checkpoint import load_params
+    from ptm.ckpt.params import load_params
 
     return load_params(path)
 
@@ -92,9 +92,10 @@ def test_hf_to_ptm_logits_match_transformers(tmp_path, tie, kv, shard):
 def test_ptm_to_hf_loads_in_transformers_with_same_logits(tmp_path):
     import jax
 
-    from ptm import ckpt_format
-    from ptm.merge.stores import OrbaxStore  # noqa: F401 - the writer below is the merge output format
-    from ptm.model.llama import ModelConfig, init_params
+    from ptm.ckpt import format as ckpt_format
+    from ptm.ckpt.stores import OrbaxStore  # noqa: F401 - the writer below is the merge output format
+    from ptm.model.config import ModelConfig
+    from ptm.model.llama import init_params
 
     cfg = ModelConfig(
         vocab_size=80,

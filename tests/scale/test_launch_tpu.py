@@ -127,7 +127,7 @@ elif verb == "delete":
 elif verb == "scp":
     import tarfile
     names = tarfile.open(a[4]).getnames()
-    assert "ptm/parallel/distributed.py" in names and "gin/meshes/v3-128.gin" in names, names[:20]
+    assert "ptm/parallel/distributed.py" in names and "ptm/gin/meshes/v3-128.gin" in names, names[:20]
     assert not any("__pycache__" in n for n in names)
 elif verb == "ssh":
     cmd = [x for x in a if x.startswith("--command=")][0][len("--command="):]
@@ -195,5 +195,5 @@ def test_source_tarball_has_code_and_gin_files(tmp_path):
         sys.path.pop(0)
     tar = launch_tpu.make_source_tarball(str(tmp_path / "src.tar.gz"))
     names = tarfile.open(tar).getnames()
-    assert "pyproject.toml" in names and "ptm/cli.py" in names and "gin/meshes/v3-32.gin" in names
+    assert "pyproject.toml" in names and "ptm/cli.py" in names and "ptm/gin/meshes/v3-32.gin" in names
     assert not any(".venv" in n or "__pycache__" in n for n in names)

@@ -75,7 +75,7 @@ def test_sharded_train_step_two_processes_matches_one(tmp_path):
 def _write_ckpt(path, tree, cfg):
     import orbax.checkpoint as ocp
 
-    from ptm import ckpt_format
+    from ptm.ckpt import format as ckpt_format
 
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path / "params", tree)
@@ -87,8 +87,8 @@ def _write_ckpt(path, tree, cfg):
 def test_sharded_merge_two_processes_matches_one_and_numpy(tmp_path):
     import jax
 
+    from ptm.ckpt.params import load_params
     from ptm.model.llama import abstract_params
-    from ptm.train.checkpoint import load_params
 
     from .mp_worker import tiny_model_config
 
@@ -121,7 +121,7 @@ def test_sharded_merge_two_processes_matches_one_and_numpy(tmp_path):
 
 @pytest.mark.slow  # ~1 min on 2 busy cores
 def test_training_loop_two_processes_resumes_and_matches_one(tmp_path):
-    from ptm.train.checkpoint import load_params
+    from ptm.ckpt.params import load_params
 
     data = write_reverse_task(tmp_path / "rev.jsonl", n=48)
     two = run_cluster("loop", tmp_path / "two", str(data), str(tmp_path / "run2"), timeout=400)

@@ -16,7 +16,7 @@ def write_checkpoint(path: str, params: dict, model: dict) -> str:
     """A ptm model checkpoint dir: params/ (Orbax) + ptm/metadata."""
     import orbax.checkpoint as ocp
 
-    from ptm import ckpt_format
+    from ptm.ckpt import format as ckpt_format
 
     ck = ocp.StandardCheckpointer()
     ck.save(os.path.join(os.path.abspath(path), "params"), params)
@@ -28,7 +28,8 @@ def write_checkpoint(path: str, params: dict, model: dict) -> str:
 
 def make_pool(root, n: int = 3, seed: int = 0, base: bool = True, model: dict | None = None) -> dict:
     """n members = base + distinct random task vectors, so merges differ measurably."""
-    from ptm.model.llama import ModelConfig, abstract_params
+    from ptm.model.config import ModelConfig
+    from ptm.model.llama import abstract_params
 
     model = dict(model or TINY)
     rng = np.random.default_rng(seed)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from ptm import ckpt_format
-from ptm.data import toy
+from ptm.ckpt import format as ckpt_format
 from ptm.errors import ConfigError
-from ptm.merge.search_commands import build_pool, load_pool_config
+from ptm.search.commands import build_pool, load_pool_config
+from ptm.toy import suite as toy
 
 POOL = f"""
 tokenizer = "{toy.TOKENIZER_FILE}"

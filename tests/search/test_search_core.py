@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ptm.errors import ConfigError
-from ptm.merge import search as S
+from ptm.search import study as S
 
 
 @pytest.mark.parametrize("param", ["softmax", "abs"])

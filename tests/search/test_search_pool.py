@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from searchhelpers import TINY, make_pool
 
+from ptm.ckpt.params import load_params
 from ptm.errors import CheckpointError, ConfigError, MergeError
 from ptm.merge import engine
-from ptm.merge import search as S
 from ptm.parallel.mesh import MeshConfig, make_mesh
-from ptm.train.checkpoint import load_params
+from ptm.search import study as S
 
 
 def _bits(tree):

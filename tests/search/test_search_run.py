@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from searchhelpers import write_choice_evalset
 
+from ptm.ckpt.params import load_params
 from ptm.errors import ConfigError
-from ptm.merge import search as S
-from ptm.train.checkpoint import load_params
+from ptm.search import study as S
 
 
 @pytest.fixture(scope="module")

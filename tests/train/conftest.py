@@ -4,7 +4,7 @@ import random
 import pytest
 
 from ptm.data.pipeline import DataConfig, SourceConfig
-from ptm.model.llama import ModelConfig
+from ptm.model.config import ModelConfig
 from ptm.train.optimizer import OptimizerConfig
 
 TINY = ModelConfig(

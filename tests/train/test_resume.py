@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 
-from ptm.train.checkpoint import load_params
+from ptm.ckpt.params import load_params
 
 from .conftest import write_reverse_task
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from ptm import ckpt_format
+from ptm.ckpt import format as ckpt_format
+from ptm.ckpt.params import load_params
 from ptm.errors import CheckpointError, ConfigError
-from ptm.model.llama import ModelConfig
+from ptm.model.config import ModelConfig
 from ptm.parallel.mesh import MeshConfig
-from ptm.train.checkpoint import load_params
 from ptm.train.loop import train
 
 from .conftest import OPT, TINY, data_config

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ptm.ckpt.tree import flatten, nest
 from ptm.errors import CheckpointError, ConfigError, MergeError
 from ptm.toml_file import load_toml
 
@@ -370,24 +371,6 @@ def expand_paths(specs: Sequence[str]) -> list[str]:
     return out
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, name + "."))
-        else:
-            out[name] = v
-    return out
-
-
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Tensor names back into the parameter tree (the engine's helper; imported lazily like the engine)."""
-    from ptm.merge.engine import nest as engine_nest
-
-    return engine_nest(flat)
-
-
 class Pool:
     """The pool's tensors stacked as [M, ...] jax Arrays, resident for the whole search.
 
@@ -400,8 +383,8 @@ class Pool:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+        from ptm.ckpt import stores as S
         from ptm.merge import engine
-        from ptm.merge import stores as S
 
         self.members = expand_paths(list(members))
         if not self.members:
@@ -452,8 +435,8 @@ class Pool:
         from ptm.merge import engine
 
         if self.model_dict:
-            from ptm.model.llama import ModelConfig
-            from ptm.parallel.mesh import param_shardings
+            from ptm.model.config import ModelConfig
+            from ptm.model.sharding import param_shardings
 
             try:
                 flat = flatten(param_shardings(ModelConfig.from_dict(self.model_dict), mesh))
@@ -716,7 +699,7 @@ def sweep_weights(k: int, points: int) -> list[tuple[float, ...]]:
 
 
 def _model_config(pool: Pool):
-    from ptm.model.llama import ModelConfig
+    from ptm.model.config import ModelConfig
 
     if not pool.model_dict:
         raise CheckpointError(f"{pool.members[0]}: no ptm/metadata with a model config; the search needs it "
@@ -820,10 +803,7 @@ def run(cfg: SearchConfig, out_dir: str, *, use_mesh: bool = False, progress: bo
     best_rec = max(cands, key=lambda r: primary(r["info"]["scores"]))
     best_w = np.asarray(best_rec["weights"])
     best_dir = os.path.join(out_dir, "best")
-    from ptm.merge.stores import orbax_complete
-
-    if not orbax_complete(os.path.join(best_dir, "params")):
-        engine.merge(pool.recipe(best_w, space, best_dir), progress=False, overwrite=True)
+    engine.merge(pool.recipe(best_w, space, best_dir), progress=False, overwrite=True)
 
     # --- test split: best merge, baselines (best of each family chosen on validation), every member
     def fam(name: str) -> str:

@@ -74,8 +74,8 @@ def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
 
     Writes `<out>/pool.json` (members, base, suite, timings) and returns it.
     """
-    from ptm.data.toy import generate_suite
-    from ptm.model.llama import ModelConfig
+    from ptm.model.config import ModelConfig
+    from ptm.toy.suite import generate_suite
 
     cfg = load_pool_config(config_path)
     out = Path(out_dir)
@@ -151,7 +151,7 @@ def _build_pool_cmd(args: argparse.Namespace) -> int:
 
 
 def _run_cmd(args: argparse.Namespace) -> int:
-    from ptm.merge import search as S
+    from ptm.search import study as S
 
     cfg = S.SearchConfig.from_toml(args.config) if args.config else S.SearchConfig()
     objectives = [S.parse_objective(o) for o in args.objective] if args.objective else None

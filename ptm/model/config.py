@@ -1,0 +1,109 @@
+"""The decoder's configuration, and the named model presets (jax-free, so every layer can use it cheaply).
+
+Presets are the gin files under `ptm/gin/models/` (`tiny`, `llama2_7b`, ...): each is defined once there and
+referred to by name from gin (`--gin_file=models/NAME.gin`) and from experiment/search TOML (`model = "NAME"`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ptm.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "save_dots")
+PRESET_DIR = Path(__file__).resolve().parent.parent / "gin" / "models"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of the decoder. Defaults are a tiny CPU model."""
+
+    vocab_size: int = 259  # the built-in byte tokenizer
+    embed_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    mlp_dim: int = 384
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots | save_dots
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    max_seq_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    # Fields that change the parameter tree (resuming or merging across a change in these is an error).
+    def shape_dict(self) -> dict[str, Any]:
+        keys = (
+            "vocab_size",
+            "embed_dim",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mlp_dim",
+            "tie_embeddings",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.gin"))
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """The `ModelConfig.FIELD = VALUE` bindings of `ptm/gin/models/NAME.gin`, read without gin (the library
+    stays free of it). Those files hold only Python literals; any other ModelConfig line is refused here, and a
+    test checks that gin itself reads the same values."""
+    path = PRESET_DIR / f"{name}.gin"
+    if not path.is_file():
+        raise ConfigError(f"unknown model preset {name!r} (presets: {', '.join(preset_names())})")
+    out: dict[str, Any] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line.startswith("ModelConfig."):
+            continue
+        key, sep, value = line[len("ModelConfig."):].partition("=")
+        if not sep:
+            raise ConfigError(f"{path}:{i}: expected ModelConfig.FIELD = VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"{path}:{i}: preset values must be literals ({e})") from e
+    return out
+
+
+def from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The preset `name` with some fields changed (e.g. `dtype="float32"` for a CPU run)."""
+    fields = {**preset_fields(name), **overrides}
+    try:
+        return ModelConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model preset {name!r} with {overrides}: {e}") from e
