@@ -22,7 +22,6 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from ptm.ckpt import format as ckpt_format
 from ptm.ckpt.stores import gcs_fs, is_gcs
 from ptm.errors import OutputError
 

@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir:
         bindings.append(f"train.run_dir = {args.run_dir!r}")
     if not args.gin_file and not bindings:
-        raise ConfigError("no gin files or bindings given (try --gin_file=models/tiny.gin --gin_file=runs/sft.gin --gin_file=runs/toy.gin)")
+        raise ConfigError(
+            "no gin files or bindings given (try --gin_file=models/tiny.gin --gin_file=runs/sft.gin "
+            "--gin_file=runs/toy.gin)"
+        )
     config.parse(args.gin_file, bindings)
     configured = gin.get_configurable("train")
     if args.print_config:
