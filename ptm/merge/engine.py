@@ -93,7 +93,8 @@ def check_compatible(stores: list[S.InputStore]) -> dict[str, S.TensorInfo]:
     return ref
 
 
-def _n_layers(infos: dict[str, S.TensorInfo]) -> int:
+def n_layers(infos: dict[str, S.TensorInfo]) -> int:
+    """The model's layer count from tensor shapes (stacked `layers.*` axis 0, or HF `layers.N.` names)."""
     stacked = {i.shape[0] for n, i in infos.items() if tree.is_stacked_layer(n) and i.shape}
     if len(stacked) > 1:
         raise MergeError(f"tensors under layers.* disagree on the layer axis: {sorted(stacked)}")
@@ -136,7 +137,7 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
             cache[p] = S.open_store(p)
         stores.append(cache[p])
     infos = check_compatible(stores)
-    n_layers = _n_layers(infos)
+    n_layers_ = n_layers(infos)
     pos = {p: i for i, p in enumerate(uniq)}
     metas = {p: s.meta for p, s in zip(uniq, stores, strict=True)}
     for j in jobs:
@@ -149,9 +150,9 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
         j.heuristic = R.heuristic_omegas(j.recipe, metas) if uses_h else None
         odt = parse_dtype(j.recipe.output_dtype) if j.recipe.output_dtype else None
         for n, info in infos.items():
-            j.weights[n] = R.resolve_weights(j.recipe, j.method, n, n_layers, j.heuristic)
+            j.weights[n] = R.resolve_weights(j.recipe, j.method, n, n_layers_, j.heuristic)
             j.out_dtypes[n] = odt or info.dtype
-    return Plan(stores, infos, jobs, n_layers)
+    return Plan(stores, infos, jobs, n_layers_)
 
 
 # ------------------------------------------------------------------------------------------------- sharding

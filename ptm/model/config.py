@@ -107,3 +107,24 @@ def from_preset(name: str, **overrides: Any) -> ModelConfig:
         return ModelConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model preset {name!r} with {overrides}: {e}") from e
+
+
+def from_spec(spec: Any, where: str) -> ModelConfig:
+    """A model as experiment/search TOML names it: a preset name (`model = "toy_2m"`), or a table with
+    `preset = "NAME"` plus fields to change, or (for a model no preset describes) a table of every field."""
+    if isinstance(spec, str):
+        return from_preset(spec)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: model must be a preset name or a table, got {spec!r}")
+    fields = dict(spec)
+    preset = fields.pop("preset", None)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown ModelConfig field(s) {unknown} (known: {sorted(known)})")
+    if preset is not None:
+        return from_preset(str(preset), **fields)
+    try:
+        return ModelConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e

@@ -411,7 +411,7 @@ class Pool:
         toks = [(s.meta or {}).get("tokenizer") for s in stores]
         self.tokenizer = next((t for t in toks if t), None) or "byte"
         self.n = len(self.members)
-        self.n_layers = engine._n_layers(self.infos)
+        self.n_layers = engine.n_layers(self.infos)
         self.names = list(self.infos)
         self.shardings = self._shardings(mesh)
         dev = SingleDeviceSharding(jax.local_devices()[0])
