@@ -11,15 +11,13 @@ from __future__ import annotations
 import math
 import os
 from itertools import combinations
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ptm.experiment import costs as C
-
-if TYPE_CHECKING:
-    from ptm.experiment.runner import Experiment
+from ptm.experiment.plan import Study, wise_ft_run
 
 
-def aggregate(exp: Experiment, rec: dict[str, Any] | None) -> dict[str, Any] | None:
+def aggregate(exp: Study, rec: dict[str, Any] | None) -> dict[str, Any] | None:
     """general / per-skill / benign means (percent) of one cached eval record."""
     if rec is None:
         return None
@@ -41,12 +39,12 @@ def aggregate(exp: Experiment, rec: dict[str, Any] | None) -> dict[str, Any] | N
     return out
 
 
-def _key(exp: Experiment, agg: dict[str, Any], skill: str) -> tuple[float, float]:
+def _key(exp: Study, agg: dict[str, Any], skill: str) -> tuple[float, float]:
     g, s = agg["general"] or 0.0, agg["skills"][skill] or 0.0
     return ((g + s) / 2, s) if exp.cfg.selection == "mean" else (s, g)
 
 
-def candidates(exp: Experiment, skill: str) -> dict[str, list[str]]:
+def candidates(exp: Study, skill: str) -> dict[str, list[str]]:
     """Per method, the model ids selection chooses from (the heuristic point is reported on its own)."""
     out: dict[str, list[str]] = {"cft": [], "rt": []}
     for mid, m in exp.models.items():
@@ -59,7 +57,7 @@ def candidates(exp: Experiment, skill: str) -> dict[str, list[str]]:
     return out
 
 
-def select(exp: Experiment, skill: str) -> dict[str, str]:
+def select(exp: Study, skill: str) -> dict[str, str]:
     sel = {}
     for method, ids in candidates(exp, skill).items():
         scored = [(mid, aggregate(exp, exp.scores["validation"].get(mid))) for mid in ids]
@@ -69,7 +67,7 @@ def select(exp: Experiment, skill: str) -> dict[str, str]:
     return sel
 
 
-def heuristic_ids(exp: Experiment, skill: str) -> dict[str, str]:
+def heuristic_ids(exp: Study, skill: str) -> dict[str, str]:
     return {
         m.method: mid
         for mid, m in exp.models.items()
@@ -77,7 +75,7 @@ def heuristic_ids(exp: Experiment, skill: str) -> dict[str, str]:
     }
 
 
-def reported_models(exp: Experiment) -> list[str]:
+def reported_models(exp: Study) -> list[str]:
     """The models whose test scores go into the tables (selection runs on validation first)."""
     ids = ["general", "pre"]
     for s in exp.cfg.skills:
@@ -88,7 +86,7 @@ def reported_models(exp: Experiment) -> list[str]:
     return [i for i in dict.fromkeys(ids) if i in exp.models]
 
 
-def model_cost(exp: Experiment, mid: str) -> C.Cost | None:
+def model_cost(exp: Study, mid: str) -> C.Cost | None:
     """Training cost of the method that produced `mid`, paper accounting (see ptm.experiment.costs)."""
     m = exp.models[mid]
     if m.group in ("cft", "rt"):
@@ -106,9 +104,7 @@ def model_cost(exp: Experiment, mid: str) -> C.Cost | None:
     return None
 
 
-def _wise(exp: Experiment, skill: str) -> str:
-    from ptm.experiment.runner import wise_ft_run
-
+def _wise(exp: Study, skill: str) -> str:
     return wise_ft_run(exp.cfg, skill)
 
 
@@ -118,7 +114,7 @@ def pct_change(new: float | None, base: float | None) -> float | None:
     return 100.0 * (new - base) / base
 
 
-def _cosines(exp: Experiment) -> dict[str, Any]:
+def _cosines(exp: Study) -> dict[str, Any]:
     """Per-layer cosine similarity between the task vectors (theta_D - theta_pre) of every pair of skills."""
     from ptm.merge.inspect import diff
 
@@ -130,7 +126,7 @@ def _cosines(exp: Experiment) -> dict[str, Any]:
     return out
 
 
-def analyze(exp: Experiment, cosines: dict[str, Any] | None = None) -> dict[str, Any]:
+def analyze(exp: Study, cosines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the report shows, as one JSON-ready dict (`cosines`: precomputed, else from the runs)."""
     cfg = exp.cfg
     models: dict[str, Any] = {}
@@ -262,7 +258,7 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def _curves(exp: Experiment, models: dict[str, Any], skill: str) -> dict[str, list[dict[str, Any]]]:
+def _curves(exp: Study, models: dict[str, Any], skill: str) -> dict[str, list[dict[str, Any]]]:
     """Validation (general, skill) points per method, for Figures 1 and 3."""
     out: dict[str, list[dict[str, Any]]] = {}
     for mid, m in models.items():

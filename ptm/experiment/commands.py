@@ -25,7 +25,8 @@ def register(subparsers) -> None:
 
 def run_experiment_cmd(args) -> int:
     from ptm.experiment.config import load
-    from ptm.experiment.runner import Experiment, plan_runs
+    from ptm.experiment.plan import plan_runs
+    from ptm.experiment.runner import Experiment
 
     cfg = load(args.config, args.results_dir)
     if args.check:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptm.errors import ConfigError
-from ptm.model.config import ModelConfig
+from ptm.model.config import ModelConfig, from_spec
 from ptm.parallel.mesh import MeshConfig
 from ptm.toml_file import load_toml
 from ptm.toy import suite as toy
@@ -273,18 +273,13 @@ def _train(t: _Table) -> TrainSpec:
     return spec
 
 
-def _model(t: _Table) -> ModelConfig:
-    known = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    kw = {}
-    for k, v in t.d.items():
-        if k not in known:
-            raise ConfigError(f"{t.key(k)}: unknown ModelConfig field (known: {sorted(known)})")
-        t.used.add(k)
-        kw[k] = v
-    try:
-        return ModelConfig(**kw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{t.src}: [model]: {e}") from e
+def _model(top: _Table) -> ModelConfig:
+    """`model = "PRESET"` (ptm/gin/models/PRESET.gin), or a [model] table: `preset = "..."` plus fields to change,
+    or every field of a model no preset describes."""
+    top.used.add("model")
+    if "model" not in top.d:
+        return ModelConfig()
+    return from_spec(top.d["model"], f"{top.src}: [model]")
 
 
 def _mesh(t: _Table) -> MeshConfig:
@@ -415,7 +410,7 @@ def parse(d: dict[str, Any], source: str, results_dir: str | None = None) -> Exp
     baselines = BaselineSpec(cft_all=blt.get("cft_all", bool, False), rt_all=blt.get("rt_all", bool, False))
     blt.done()
 
-    model = _model(top.table("model"))
+    model = _model(top)
     mesh = _mesh(top.table("mesh"))
     train = _train(top.table("train"))
     selection = top.get(

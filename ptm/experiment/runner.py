@@ -20,124 +20,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from itertools import combinations
+from dataclasses import asdict
 from typing import Any
 
 from ptm.errors import ConfigError, DataError
 from ptm.experiment import costs as C
-from ptm.experiment.config import ExperimentConfig, Hyper
+from ptm.experiment.config import ExperimentConfig
+from ptm.experiment.plan import ModelSpec, RunSpec, plan_models, plan_runs
 
 SPLITS = ("validation", "test")
-
-
-# ---------------------------------------------------------------------------------------- plan: runs
-
-
-@dataclass(frozen=True)
-class Source:
-    path: str
-    name: str
-    max_examples: int | None = None
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    id: str
-    kind: str  # pretrain | general | skill | cft | rt
-    sources: tuple[Source, ...]
-    init: str | None  # a run id ("@pre", "@general") or a checkpoint path, or None
-    hyper: Hyper
-    skill: str | None = None
-    size: int | None = None
-
-
-def plan_runs(cfg: ExperimentConfig) -> list[RunSpec]:
-    """Every training run of the study, in the order they are trained."""
-    k = cfg.train.kinds
-    runs: list[RunSpec] = []
-    if cfg.base.pretrain:
-        runs.append(
-            RunSpec(
-                "pre",
-                "pretrain",
-                (Source(cfg.base.data, "pretrain", cfg.base.examples),),
-                None,
-                k["pretrain"],
-            )
-        )
-    pre_init = "@pre" if cfg.base.pretrain else cfg.base.checkpoint
-    g_src = Source(cfg.general.data, "general", cfg.general.examples)
-    if cfg.general.checkpoint is None:
-        runs.append(RunSpec("general", "general", (g_src,), pre_init, k["general"]))
-    g_init = "@general" if cfg.general.checkpoint is None else cfg.general.checkpoint
-    for s in cfg.skills:
-        runs.append(
-            RunSpec(
-                f"skill_{s.name}",
-                "skill",
-                (Source(s.data, s.name, s.examples),),
-                pre_init,
-                k["skill"],
-                s.name,
-                s.examples,
-            )
-        )
-    for s in cfg.skills:
-        for n in s.sizes:
-            runs.append(
-                RunSpec(f"cft_{s.name}_{n}", "cft", (Source(s.data, s.name, n),), g_init, k["cft"], s.name, n)
-            )
-        w = wise_ft_run(cfg, s.name)
-        if "wise_ft" in cfg.merge.methods and w not in {r.id for r in runs}:
-            runs.append(
-                RunSpec(w, "cft", (Source(s.data, s.name, s.examples),), g_init, k["cft"], s.name, s.examples)
-            )
-    for s in cfg.skills:
-        for n in s.sizes:
-            runs.append(
-                RunSpec(
-                    f"rt_{s.name}_{n}", "rt", (g_src, Source(s.data, s.name, n)), pre_init, k["rt"], s.name, n
-                )
-            )
-    every = tuple(Source(s.data, s.name, s.examples) for s in cfg.skills)
-    if cfg.baselines.cft_all:
-        runs.append(RunSpec("cft_all", "cft", every, g_init, k["cft"]))
-    if cfg.baselines.rt_all:
-        runs.append(RunSpec("rt_all", "rt", (g_src, *every), pre_init, k["rt"]))
-    return runs
-
-
-def wise_ft_run(cfg: ExperimentConfig, skill: str) -> str:
-    """theta_CFT of WiSE-FT: CFT on the whole D (reuses the CFT grid run of that size when there is one)."""
-    s = cfg.skill(skill)
-    if s.examples is not None and s.examples in s.sizes:
-        return f"cft_{skill}_{s.examples}"
-    return f"cft_{skill}_full"
-
-
-# ---------------------------------------------------------------------------------------- plan: models
-
-
-@dataclass
-class ModelSpec:
-    id: str
-    group: str  # pre | general | skill_only | cft | rt | ptm | multi | pairwise | cft_all | rt_all
-    skill: str | None = None  # single-skill models
-    skills: tuple[str, ...] = ()  # multi-skill / pairwise merges
-    method: str | None = None
-    omega: float | list[float] | None = None
-    heuristic: bool = False
-    size: int | None = None
-    run: str | None = None  # checkpoint-backed: run id or path
-    recipe: dict[str, Any] | None = None  # merge-backed: ptm.merge.recipe.Recipe fields
-
-    def label(self) -> str:
-        return self.id
-
-
-def _fmt_w(w: float) -> str:
-    return f"{w:.4g}"
 
 
 class Experiment:
@@ -359,98 +250,8 @@ class Experiment:
 
     def plan_models(self, heuristics: dict[str, float] | None = None) -> None:
         """Every model that is evaluated on validation (test follows selection)."""
-        cfg, M = self.cfg, self.models
         self.heuristics = dict(heuristics) if heuristics is not None else self.heuristic_omegas()
-        pre, gen = self.pre_path, self.general_path
-        M["pre"] = ModelSpec("pre", "pre", run=pre)
-        M["general"] = ModelSpec("general", "general", run=gen)
-        for s in cfg.skills:
-            M[f"skill_only_{s.name}"] = ModelSpec(
-                f"skill_only_{s.name}", "skill_only", skill=s.name, run=self.run_dir(f"skill_{s.name}")
-            )
-            for n in s.sizes:
-                M[f"cft_{s.name}_{n}"] = ModelSpec(
-                    f"cft_{s.name}_{n}", "cft", skill=s.name, size=n, run=self.run_dir(f"cft_{s.name}_{n}")
-                )
-                M[f"rt_{s.name}_{n}"] = ModelSpec(
-                    f"rt_{s.name}_{n}", "rt", skill=s.name, size=n, run=self.run_dir(f"rt_{s.name}_{n}")
-                )
-        for s in cfg.skills:
-            omegas = list(cfg.merge.omegas) + ([self.heuristics[s.name]] if cfg.merge.heuristic else [])
-            for method in cfg.merge.methods:
-                for j, w in enumerate(omegas):
-                    heur = cfg.merge.heuristic and j == len(omegas) - 1
-                    mid = f"ptm_{method}_{s.name}_" + ("heuristic" if heur else f"w{_fmt_w(w)}")
-                    M[mid] = ModelSpec(
-                        mid,
-                        "ptm",
-                        skill=s.name,
-                        method=method,
-                        omega=w,
-                        heuristic=heur,
-                        recipe=self._recipe(method, [s.name], [w]),
-                    )
-        if cfg.baselines.cft_all:
-            M["cft_all"] = ModelSpec(
-                "cft_all", "cft_all", skills=tuple(x.name for x in cfg.skills), run=self.run_dir("cft_all")
-            )
-        if cfg.baselines.rt_all:
-            M["rt_all"] = ModelSpec(
-                "rt_all", "rt_all", skills=tuple(x.name for x in cfg.skills), run=self.run_dir("rt_all")
-            )
-        names = [s.name for s in cfg.skills]
-        if cfg.merge.multi_skill and len(names) > 1:
-            for method in cfg.merge.multi_methods:
-                w = [self.heuristics[k] for k in names]
-                mid = f"multi_{method}_heuristic"
-                M[mid] = ModelSpec(
-                    mid,
-                    "multi",
-                    skills=tuple(names),
-                    method=method,
-                    omega=w,
-                    heuristic=True,
-                    recipe=self._recipe(method, names, w),
-                )
-        if cfg.merge.pairwise and len(names) > 2:
-            for a, b in combinations(names, 2):
-                w = [self.heuristics[a], self.heuristics[b]]
-                mid = f"pair_{a}+{b}"
-                M[mid] = ModelSpec(
-                    mid,
-                    "pairwise",
-                    skills=(a, b),
-                    method="task_arithmetic",
-                    omega=w,
-                    heuristic=True,
-                    recipe=self._recipe("task_arithmetic", [a, b], w),
-                )
-
-    def _recipe(self, method: str, skills: Sequence[str], weights: Sequence[float]) -> dict[str, Any]:
-        pre, gen = self.pre_path, self.general_path
-        paths = [self.run_dir(f"skill_{k}") for k in skills]
-        if method == "wise_ft":
-            return {
-                "method": "wise_ft",
-                "inputs": {"general": gen, "cft": self.run_dir(wise_ft_run(self.cfg, skills[0]))},
-                "weights": float(weights[0]),
-            }
-        if method == "linear_interpolation":
-            return {
-                "method": method,
-                "inputs": {"pre": pre, "general": gen, "skills": paths},
-                "weights": float(weights[0]),
-            }
-        rec = {
-            "method": method,
-            "inputs": {"pre": pre, "general": gen, "skills": paths},
-            "weights": [float(w) for w in weights],
-        }
-        if method == "ties":
-            rec["density"] = self.cfg.merge.density
-        if method == "dare":
-            rec["drop_rate"] = self.cfg.merge.drop_rate
-        return rec
+        self.models.update(plan_models(self.cfg, self, self.heuristics))
 
     def tasks_for(self, m: ModelSpec) -> list[str]:
         cfg = self.cfg

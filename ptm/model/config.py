@@ -113,7 +113,10 @@ def from_spec(spec: Any, where: str) -> ModelConfig:
     """A model as experiment/search TOML names it: a preset name (`model = "toy_2m"`), or a table with
     `preset = "NAME"` plus fields to change, or (for a model no preset describes) a table of every field."""
     if isinstance(spec, str):
-        return from_preset(spec)
+        try:
+            return from_preset(spec)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: model must be a preset name or a table, got {spec!r}")
     fields = dict(spec)
@@ -123,7 +126,10 @@ def from_spec(spec: Any, where: str) -> ModelConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown ModelConfig field(s) {unknown} (known: {sorted(known)})")
     if preset is not None:
-        return from_preset(str(preset), **fields)
+        try:
+            return from_preset(str(preset), **fields)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
     try:
         return ModelConfig(**fields)
     except (TypeError, ValueError) as e:

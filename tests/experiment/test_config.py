@@ -9,7 +9,7 @@ import pytest
 
 from ptm.errors import ConfigError
 from ptm.experiment.config import load, parse
-from ptm.experiment.runner import plan_runs, wise_ft_run
+from ptm.experiment.plan import plan_runs, wise_ft_run
 from ptm.model.llama import param_count
 
 ROOT = Path(__file__).resolve().parents[2]
