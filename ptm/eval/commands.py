@@ -126,8 +126,9 @@ def format_table(name: str, result) -> str:
 def run_eval(args) -> int:
     from ptm.ckpt.params import load_checkpoint, read_model_config
     from ptm.data.tokenizers import load_tokenizer
+    from ptm.eval.decode import GenerationConfig
     from ptm.eval.evalset import load_suite
-    from ptm.eval.harness import GenerationConfig, check_vocab, evaluate
+    from ptm.eval.harness import check_vocab, evaluate
 
     if not args.checkpoints and not args.recipe:
         raise ConfigError("nothing to evaluate: give checkpoint paths and/or --recipe")

@@ -84,49 +84,25 @@ def train(
         raise ConfigError(
             f"model vocab_size={model.vocab_size} < tokenizer {tokenizer!r} vocab {tok.vocab_size}"
         )
-
     data_iter, stats = build_train_data(data, tok, process_index=pidx, process_count=pcount)
     total_steps = stats.num_batches
     if total_steps == 0:
         raise ConfigError("the data yields no batches")
     device_mesh = make_mesh(mesh)
-    dp = data_parallel_size(device_mesh, rules)
-    micro = data.global_batch_size // max(grad_accum_steps, 1)
-    if data.global_batch_size % grad_accum_steps or micro % dp:
-        raise ConfigError(
-            f"global_batch_size={data.global_batch_size} / grad_accum_steps={grad_accum_steps} = {micro} rows per "
-            f"microbatch must be a multiple of the data-parallel size {dp}"
-        )
+    _check_batch(data, grad_accum_steps, data_parallel_size(device_mesh, rules))
     tx = make_optimizer(optimizer, total_steps)
-    schedule = make_schedule(optimizer, total_steps)
     rules = _hashable_rules(rules)
     step_fn = _train_step_for(model, optimizer, device_mesh, rules, grad_accum_steps, loss_normalization)
-    abstract, shardings = state_shardings(model, tx, device_mesh, rules)
-
     ckpt = RunCheckpointer(out, save_every=save_every, keep=keep_checkpoints, async_save=async_checkpointing)
-    latest = ckpt.latest_step()
-    resumed_from = None
-    if latest is not None:
-        meta = ckpt_format.read_meta(ckpt.directory / str(latest))
-        if meta is None:
-            raise CheckpointError(f"{ckpt.directory / str(latest)}: not a ptm checkpoint (no ptm/metadata)")
-        check_same_model(meta, model, str(ckpt.directory / str(latest)))
-        state, meta = ckpt.restore(latest, abstract, data_iter)
-        resumed_from = latest
-    else:
-        init_params = None
-        if init_from:
-            init_params, _ = load_params(init_from, shardings["params"], model_config=model)
-        state = init_state(model, tx, device_mesh, seed, rules, params=init_params)
+    state, resumed_from = _restore_or_init(ckpt, model, tx, device_mesh, rules, seed, init_from, data_iter)
 
     start = int(jax.device_get(state["step"]))
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if config_text is not None:
             (out / "config.gin").write_text(config_text)
-        n_params = param_count(model)
         print(
-            f"ptm train: {out} | {n_params / 1e6:.2f}M params | mesh {dict(device_mesh.shape)} | "
+            f"ptm train: {out} | {param_count(model) / 1e6:.2f}M params | mesh {dict(device_mesh.shape)} | "
             f"{stats.examples} examples, {total_steps} steps"
             + (f" | resumed at step {start}" if resumed_from is not None else "")
             + (f" | init from {init_from}" if init_from and resumed_from is None else ""),
@@ -138,77 +114,96 @@ def train(
             model.to_dict(),
             step,
             data={"train_examples": stats.examples, **stats.seen(step)},
-            provenance={
-                "init_from": init_from,
-                "sources": [asdict(s) for s in data.sources],
-                "total_steps": total_steps,
-            },
+            provenance={"init_from": init_from, "sources": [asdict(s) for s in data.sources],
+                        "total_steps": total_steps},
             tokenizer=tokenizer,
         )
 
-    bsh = batch_sharding(device_mesh, rules)
-    logger = MetricsLogger(
-        str(out / "tensorboard") if is_main else None,
-        total_steps,
-        start,
-        enabled=is_main,
-        progress=progress,
-        jsonl_path=str(out / "metrics.jsonl"),
-    )
-    fpt = flops_per_token(model, data.seq_len)
-    peak = peak_flops_per_device()
+    logger = MetricsLogger(str(out / "tensorboard") if is_main else None, total_steps, start, enabled=is_main,
+                           progress=progress, jsonl_path=str(out / "metrics.jsonl"))
     end = total_steps if stop_after_steps is None else min(total_steps, start + int(stop_after_steps))
-    last_loss = None
-    t_log, tokens_since = time.perf_counter(), 0
-    last_saved = start
     try:
-        for step in range(start, end):
-            local = next(data_iter)
-            tokens_since += int(np.sum(local["segment_ids"] != 0)) * pcount
-            state, metrics = step_fn(state, _global_batch(local, bsh))
-            done = step + 1
-            if done % log_every == 0 or done == end:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                dt = max(time.perf_counter() - t_log, 1e-9)
-                m["lr"] = float(schedule(step))
-                m["tokens_per_s"] = tokens_since / dt
-                if peak:
-                    m["mfu"] = m["tokens_per_s"] * fpt / (peak * jax.device_count())
-                last_loss = m["loss"]
-                logger.log(done, m)
-                t_log, tokens_since = time.perf_counter(), 0
-            logger.advance()
-            if ckpt.save(done, state, data_iter, functools.partial(meta_at, done), force=done in (total_steps, end)):
-                last_saved = done
-                logger.flush()
-        if end > start and last_saved != end:  # early stop: keep the position so a rerun continues
-            ckpt.save(end, state, data_iter, functools.partial(meta_at, end), force=True)
+        state, last_loss = _steps(state, step_fn, data_iter, ckpt, logger, meta_at, start=start, end=end,
+                                  total_steps=total_steps, log_every=log_every, pcount=pcount,
+                                  batch_sh=batch_sharding(device_mesh, rules),
+                                  schedule=make_schedule(optimizer, total_steps),
+                                  flops_per_tok=flops_per_token(model, data.seq_len))
     finally:
         ckpt.close()
         logger.close()
 
-    wall = time.perf_counter() - t0
     result = TrainResult(
         run_dir=str(out),
         steps=end,
         resumed_from=resumed_from,
         final_loss=last_loss,
-        wall_seconds=wall,
-        data={
-            "train_examples": stats.examples,
-            **stats.seen(end),
-            "total_steps": total_steps,
-            **_stats_summary(stats),
-        },
+        wall_seconds=time.perf_counter() - t0,
+        data={"train_examples": stats.examples, **stats.seen(end), "total_steps": total_steps,
+              **_stats_summary(stats)},
     )
     if is_main and end == total_steps:
-        (out / "run.json").write_text(
-            json.dumps(
-                {"complete": True, **asdict(result), "model": model.to_dict(), "tokenizer": tokenizer},
-                indent=1,
-            )
-        )
+        (out / "run.json").write_text(json.dumps(
+            {"complete": True, **asdict(result), "model": model.to_dict(), "tokenizer": tokenizer}, indent=1))
     return result
+
+
+def _check_batch(data: DataConfig, grad_accum_steps: int, dp: int) -> None:
+    micro = data.global_batch_size // max(grad_accum_steps, 1)
+    if data.global_batch_size % grad_accum_steps or micro % dp:
+        raise ConfigError(
+            f"global_batch_size={data.global_batch_size} / grad_accum_steps={grad_accum_steps} = {micro} rows per "
+            f"microbatch must be a multiple of the data-parallel size {dp}"
+        )
+
+
+def _restore_or_init(ckpt: RunCheckpointer, model: ModelConfig, tx, device_mesh, rules, seed: int,
+                     init_from: str | None, data_iter) -> tuple[dict, int | None]:
+    """(state, resumed step): the newest complete checkpoint of the run (data iterator restored in place), else
+    a fresh state, its params from `init_from` when given."""
+    abstract, shardings = state_shardings(model, tx, device_mesh, rules)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        meta = ckpt_format.read_meta(ckpt.directory / str(latest))
+        if meta is None:
+            raise CheckpointError(f"{ckpt.directory / str(latest)}: not a ptm checkpoint (no ptm/metadata)")
+        check_same_model(meta, model, str(ckpt.directory / str(latest)))
+        state, _ = ckpt.restore(latest, abstract, data_iter)
+        return state, latest
+    init_params = None
+    if init_from:
+        init_params, _ = load_params(init_from, shardings["params"], model_config=model)
+    return init_state(model, tx, device_mesh, seed, rules, params=init_params), None
+
+
+def _steps(state, step_fn, data_iter, ckpt: RunCheckpointer, logger: MetricsLogger, meta_at, *, start: int,
+           end: int, total_steps: int, log_every: int, pcount: int, batch_sh, schedule, flops_per_tok: float):
+    """Run steps [start, end): log every `log_every`, save when due and at the end. Returns (state, last loss)."""
+    peak = peak_flops_per_device()
+    last_loss = None
+    t_log, tokens_since = time.perf_counter(), 0
+    last_saved = start
+    for step in range(start, end):
+        local = next(data_iter)
+        tokens_since += int(np.sum(local["segment_ids"] != 0)) * pcount
+        state, metrics = step_fn(state, _global_batch(local, batch_sh))
+        done = step + 1
+        if done % log_every == 0 or done == end:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = max(time.perf_counter() - t_log, 1e-9)
+            m["lr"] = float(schedule(step))
+            m["tokens_per_s"] = tokens_since / dt
+            if peak:
+                m["mfu"] = m["tokens_per_s"] * flops_per_tok / (peak * jax.device_count())
+            last_loss = m["loss"]
+            logger.log(done, m)
+            t_log, tokens_since = time.perf_counter(), 0
+        logger.advance()
+        if ckpt.save(done, state, data_iter, functools.partial(meta_at, done), force=done in (total_steps, end)):
+            last_saved = done
+            logger.flush()
+    if end > start and last_saved != end:  # early stop: keep the position so a rerun continues
+        ckpt.save(end, state, data_iter, functools.partial(meta_at, end), force=True)
+    return state, last_loss
 
 
 def _hashable_rules(rules) -> tuple:

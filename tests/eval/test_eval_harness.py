@@ -13,8 +13,9 @@ import pytest
 
 from ptm.data.chat import encode_prompt
 from ptm.errors import CheckpointError, DataError
+from ptm.eval.decode import GenerationConfig, compiled_for, generate
 from ptm.eval.evalset import load_suite, parse_item
-from ptm.eval.harness import GenerationConfig, check_vocab, compiled_for, evaluate, generate
+from ptm.eval.harness import check_vocab, evaluate
 from ptm.model.config import ModelConfig
 from ptm.model.llama import forward
 from ptm.parallel.mesh import MeshConfig, make_mesh

@@ -1,0 +1,401 @@
+"""Running the model on requests: batched KV-cache generation and log-likelihoods (jitted, sharded).
+
+Compilation is the cost to control: prompts are left-padded to power-of-two length buckets and every batch has
+the same number of rows, so a suite compiles a handful of shapes; the jitted functions are cached per
+(ModelConfig, mesh) and take the params as an argument, so scoring dozens of merged models of one config
+compiles once. Generation runs in jitted chunks of decode steps; between chunks the host checks EOS and stop
+strings and stops the batch early when every row is finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ptm.data.tokenizers import Tokenizer
+from ptm.errors import DataError
+from ptm.model.config import ModelConfig
+from ptm.model.llama import forward, forward_with_cache, init_cache
+from ptm.parallel.mesh import DEFAULT_RULES, data_parallel_size
+
+MIN_BUCKET = 16
+
+
+# -------------------------------------------------------------------------------------- compiled functions
+
+
+def _bucket(n: int, cap: int) -> int:
+    b = MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, max(cap, n))
+
+
+def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """One token per row from float32 logits [B, V]: greedy when temperature <= 0, else nucleus sampling."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    srt = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(srt, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the top token is always kept
+    threshold = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(key, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+class _Compiled:
+    """Jitted prefill / decode / log-likelihood functions for one (ModelConfig, mesh, vocab limit)."""
+
+    def __init__(self, config: ModelConfig, mesh: Mesh | None, vocab_limit: int):
+        self.config, self.mesh, self.vocab_limit = config, mesh, vocab_limit
+        self.shapes: set[tuple] = set()  # shape keys seen, to report compilations
+        cfg = config
+
+        def mask_vocab(logits):
+            if vocab_limit < cfg.vocab_size:  # padded model vocab: never emit ids the tokenizer lacks
+                ids = jnp.arange(cfg.vocab_size)
+                logits = jnp.where(ids < vocab_limit, logits, -jnp.inf)
+            return logits
+
+        def prefill(params, tokens, positions, segment_ids, cache_len):
+            cache = init_cache(cfg, tokens.shape[0], cache_len)
+            logits, cache = forward_with_cache(params, cfg, tokens, positions, segment_ids, cache, 0)
+            return mask_vocab(logits[:, -1, :]), cache
+
+        def decode(
+            params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk
+        ):
+            def body(carry, i):
+                cache, logits, pos, done = carry
+                step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step0 + i)
+                tok = _sample(logits, step_keys, temperature, top_p)
+                tok = jnp.where(done, eos_id, tok)
+                lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+                done = done | (tok == eos_id)
+                seg = jnp.ones_like(tok)[:, None]
+                new_logits, cache = forward_with_cache(
+                    params, cfg, tok[:, None], pos[:, None], seg, cache, cache_index + i
+                )
+                return (cache, mask_vocab(new_logits[:, 0, :]), pos + 1, done), (tok, lp)
+
+            (cache, logits, pos, done), (toks, lps) = jax.lax.scan(
+                body, (cache, logits, pos, done), jnp.arange(chunk)
+            )
+            return cache, logits, pos, done, toks.T, lps.T
+
+        def loglik(params, inputs, targets, mask, positions, segment_ids):
+            logits = forward(params, cfg, inputs, positions, segment_ids)
+            logp = jax.nn.log_softmax(mask_vocab(logits), axis=-1)
+            tgt = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+            greedy = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
+            return jnp.sum(tgt * mask, axis=1), jnp.all(greedy, axis=1)
+
+        self._prefill = jax.jit(prefill, static_argnums=4)
+        self._decode = jax.jit(decode, static_argnums=11, donate_argnums=1)
+        self._loglik = jax.jit(loglik)
+
+    def _ctx(self):
+        if self.mesh is None:
+            return _NullCtx()
+        return _MeshCtx(self.mesh)
+
+    def put(self, x: np.ndarray) -> jax.Array:
+        """Host batch array -> device, batch axis over the data-parallel mesh axes."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1), DEFAULT_RULES)
+        return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+
+    def prefill(self, params, tokens, positions, segment_ids, cache_len):
+        self.shapes.add(("prefill", tokens.shape, cache_len))
+        with self._ctx():
+            return self._prefill(
+                params, self.put(tokens), self.put(positions), self.put(segment_ids), cache_len
+            )
+
+    def decode(
+        self, params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk
+    ):
+        self.shapes.add(("decode", logits.shape, cache["k"].shape, chunk))
+        with self._ctx():
+            return self._decode(
+                params,
+                cache,
+                logits,
+                pos,
+                jnp.int32(cache_index),
+                done,
+                keys,
+                jnp.int32(step0),
+                jnp.float32(temperature),
+                jnp.float32(top_p),
+                jnp.int32(eos_id),
+                chunk,
+            )
+
+    def loglik(self, params, inputs, targets, mask, positions, segment_ids):
+        self.shapes.add(("loglik", inputs.shape))
+        with self._ctx():
+            return self._loglik(
+                params, *(self.put(a) for a in (inputs, targets, mask, positions, segment_ids))
+            )
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _MeshCtx:
+    """Mesh and logical-axis rules in context while tracing, as in training (activation constraints)."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+
+    def __enter__(self):
+        self._a = jax.set_mesh(self.mesh)
+        self._b = nn.logical_axis_rules(DEFAULT_RULES)
+        self._a.__enter__()
+        self._b.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._b.__exit__(*exc)
+        self._a.__exit__(*exc)
+        return False
+
+
+_COMPILED: dict[tuple, _Compiled] = {}
+
+
+def compiled_for(config: ModelConfig, mesh: Mesh | None, vocab_limit: int) -> _Compiled:
+    """The cached jitted functions for this model config (reused across calls and across checkpoints)."""
+    key = (config, mesh, vocab_limit)
+    if key not in _COMPILED:
+        _COMPILED[key] = _Compiled(config, mesh, vocab_limit)
+    return _COMPILED[key]
+
+
+# -------------------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # <= 0: greedy
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings for every prompt (items may add their own in meta.stop)
+    chunk: int = 16  # decode steps per jitted call; the host checks for stops between chunks
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    finish: str  # "eos" | "stop" | "length"
+    logprobs: list[float] = field(default_factory=list)  # model log p of each returned token (untempered)
+
+
+def _row_keys(seed: int, row_ids: np.ndarray) -> jax.Array:
+    """One PRNG key per row id (an int, or an (item, sample) pair), independent of batching: reproducible."""
+    ids = np.asarray(row_ids, np.int64).reshape(len(row_ids), -1)
+    keys = jnp.broadcast_to(jax.random.key(seed), (len(ids),))
+    for col in ids.T:
+        keys = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(col % 2**32, jnp.uint32))
+    return keys
+
+
+def _finish(
+    ids: Sequence[int],
+    eos_id: int,
+    max_new: int,
+    stops: Sequence[str],
+    tokenizer: Tokenizer,
+    logprobs: Sequence[float] = (),
+) -> Generation:
+    ids = [int(i) for i in ids[:max_new]]
+    finish = "length"
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+        finish = "eos"
+    text = tokenizer.decode(ids)
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+        finish = "stop"
+    return Generation(tokens=ids, text=text, finish=finish, logprobs=[float(x) for x in logprobs[: len(ids)]])
+
+
+def generate(
+    params,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    gen: GenerationConfig = GenerationConfig(),
+    *,
+    batch_size: int = 32,
+    mesh: Mesh | None = None,
+    stops: Sequence[Sequence[str]] | None = None,
+    row_ids: Sequence[int] | None = None,
+    progress=None,
+) -> list[Generation]:
+    """Continue each token-id prompt (one Generation per prompt; repeat prompts for several samples).
+
+    `stops[i]` adds stop strings for prompt i; `row_ids[i]` (default i) seeds its sampling stream, so the same
+    id gives the same sample whatever else is in the batch. Prompts longer than `max_seq_len - max_new_tokens`
+    keep their last tokens.
+    """
+    n = len(prompts)
+    if n == 0:
+        return []
+    fns = compiled_for(config, mesh, int(tokenizer.vocab_size))
+    bs = _round_batch(batch_size, mesh)
+    chunk = max(1, min(gen.chunk, gen.max_new_tokens))
+    n_chunks = -(-gen.max_new_tokens // chunk)
+    max_prompt = max(1, config.max_seq_len - n_chunks * chunk)
+    prompts = [list(p)[-max_prompt:] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise DataError("generate: empty prompt")
+    row_ids = np.arange(n) if row_ids is None else np.asarray(row_ids, np.int64)
+    stops = [tuple(gen.stop) + tuple(s) for s in (stops or [()] * n)]
+    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * n
+    for start in range(0, n, bs):
+        idx = order[start : start + bs]
+        rows = idx + [idx[0]] * (bs - len(idx))  # fill the last batch with copies: one shape for all batches
+        plen = _bucket(max(len(prompts[i]) for i in rows), max_prompt)
+        tokens = np.full((bs, plen), tokenizer.pad_id, np.int32)
+        positions = np.zeros((bs, plen), np.int32)
+        segs = np.zeros((bs, plen), np.int32)
+        for r, i in enumerate(rows):  # left padding: all rows share the cache index
+            p = prompts[i]
+            tokens[r, plen - len(p) :] = p
+            positions[r, plen - len(p) :] = np.arange(len(p))
+            segs[r, plen - len(p) :] = 1
+        # Cache length is bucketed too, so different max_new_tokens settings often share compiled functions.
+        cache_len = _bucket(plen + n_chunks * chunk, plen + n_chunks * chunk)
+        logits, cache = fns.prefill(params, tokens, positions, segs, cache_len)
+        pos = fns.put(np.array([len(prompts[i]) for i in rows], np.int32))
+        done_h = np.zeros(bs, bool)
+        done_h[len(idx) :] = True
+        done = fns.put(done_h)
+        keys = fns.put(_row_keys(gen.seed, row_ids[rows]))
+        out = np.zeros((bs, 0), np.int32)
+        out_lp = np.zeros((bs, 0), np.float32)
+        for c in range(n_chunks):
+            cache, logits, pos, done, toks, lps = fns.decode(
+                params,
+                cache,
+                logits,
+                pos,
+                plen + c * chunk,
+                done,
+                keys,
+                c * chunk,
+                gen.temperature,
+                gen.top_p,
+                tokenizer.eos_id,
+                chunk,
+            )
+            out = np.concatenate([out, np.asarray(toks)], axis=1)
+            out_lp = np.concatenate([out_lp, np.asarray(lps)], axis=1)
+            done_h = np.asarray(done).copy()
+            if stops and any(stops[i] for i in idx):  # a stop string also finishes a row
+                for r, i in enumerate(idx):
+                    if (
+                        not done_h[r]
+                        and stops[i]
+                        and _finish(out[r], tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer).finish
+                        == "stop"
+                    ):
+                        done_h[r] = True
+            if done_h.all():
+                break
+            done = fns.put(done_h)
+        for r, i in enumerate(idx):
+            results[i] = _finish(
+                out[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer, out_lp[r].tolist()
+            )
+        if progress is not None:
+            progress.update(len(idx))
+    return results  # type: ignore[return-value]
+
+
+def _round_batch(batch_size: int, mesh: Mesh | None) -> int:
+    if mesh is None:
+        return max(1, batch_size)
+    dp = data_parallel_size(mesh, DEFAULT_RULES)
+    return max(dp, -(-batch_size // dp) * dp)
+
+
+# -------------------------------------------------------------------------------------- log-likelihood
+
+
+def loglikelihoods(
+    params,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 32,
+    mesh: Mesh | None = None,
+    progress=None,
+) -> list[tuple[float, int, bool]]:
+    """For each (context ids, continuation ids): (sum log p(continuation | context), its length, greedy?).
+
+    An empty context scores the continuation from its second token (the first has nothing to condition on).
+    Too long sequences keep their last `max_seq_len` tokens (the continuation first).
+    """
+    n = len(pairs)
+    if n == 0:
+        return []
+    fns = compiled_for(config, mesh, int(tokenizer.vocab_size))
+    bs = _round_batch(batch_size, mesh)
+    seqs, starts = [], []
+    for ctx, cont in pairs:
+        full = list(ctx) + list(cont)
+        if len(full) < 2 or not cont:
+            raise DataError("loglikelihood: need a continuation and at least two tokens in all")
+        first = max(len(ctx), 1)  # index of the first scored token in `full`
+        cut = max(0, len(full) - (config.max_seq_len + 1))
+        seqs.append(full[cut:])
+        starts.append(max(first - cut, 1))
+    order = sorted(range(n), key=lambda i: len(seqs[i]))
+    results: list[tuple[float, int, bool] | None] = [None] * n
+    for start in range(0, n, bs):
+        idx = order[start : start + bs]
+        rows = idx + [idx[0]] * (bs - len(idx))
+        slen = _bucket(max(len(seqs[i]) - 1 for i in rows), config.max_seq_len)
+        inputs = np.full((bs, slen), tokenizer.pad_id, np.int32)
+        targets = np.zeros((bs, slen), np.int32)
+        mask = np.zeros((bs, slen), np.float32)
+        positions = np.zeros((bs, slen), np.int32)
+        segs = np.zeros((bs, slen), np.int32)
+        for r, i in enumerate(rows):
+            s = seqs[i]
+            m = len(s) - 1
+            inputs[r, :m] = s[:-1]
+            targets[r, :m] = s[1:]
+            mask[r, starts[i] - 1 : m] = 1.0
+            positions[r, :m] = np.arange(m)
+            segs[r, :m] = 1
+        ll, greedy = fns.loglik(params, inputs, targets, mask, positions, segs)
+        ll, greedy = np.asarray(ll), np.asarray(greedy)
+        for r, i in enumerate(idx):
+            results[i] = (float(ll[r]), int(mask[r].sum()), bool(greedy[r]))
+        if progress is not None:
+            progress.update(len(idx))
+    return results  # type: ignore[return-value]
