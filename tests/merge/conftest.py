@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ptm.ckpt import format as ckpt_format
+from ptm.ckpt.tree import flatten
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 L = 3
@@ -31,16 +32,6 @@ def random_tree(seed: int, dtype=BF16, vocab: int = 64) -> dict:
         },
         "final_norm": {"scale": r(16)},
     }
-
-
-def flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def save_orbax(path, tree: dict, train_examples: int | None = None) -> str:
@@ -78,7 +69,7 @@ def restore(path: str) -> dict[str, np.ndarray]:
     """Restore a merge output with plain Orbax (what training/eval do)."""
     import orbax.checkpoint as ocp
 
-    return flat(ocp.PyTreeCheckpointer().restore(f"{path}/params"))
+    return flatten(ocp.PyTreeCheckpointer().restore(f"{path}/params"))
 
 
 def f32(a):
@@ -93,4 +84,4 @@ def ckpts(tmp_path):
         n: save_orbax(tmp_path / n, t, train_examples={"general": 1000, "s1": 300, "s2": 50}.get(n))
         for n, t in trees.items()
     }
-    return paths, {n: flat(t) for n, t in trees.items()}
+    return paths, {n: flatten(t) for n, t in trees.items()}

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from ptm.ckpt import format as ckpt_format
+from ptm.ckpt.tree import flatten
 from ptm.errors import CheckpointError
 from ptm.merge import engine
 from ptm.merge.recipe import Recipe, expand_sweep
-from tests.merge.conftest import BF16, flat, random_tree, restore, save_orbax, save_safetensors
+from tests.merge.conftest import BF16, random_tree, restore, save_orbax, save_safetensors
 
 
 def same(a: dict, b: dict) -> bool:
@@ -33,7 +34,7 @@ def test_sweep_equals_single_merges(tmp_path, ckpts):
     )
     omegas = [0.1, 0.3, 1.0]
     s = engine.merge(expand_sweep(base, omegas), progress=False, summary=False)
-    assert s.bytes_read == sum(a.nbytes for a in flat(random_tree(0)).values()) * 3  # each input read once
+    assert s.bytes_read == sum(a.nbytes for a in flatten(random_tree(0)).values()) * 3  # each input read once
     for w in omegas:
         single = Recipe("task_arithmetic", dict(base.inputs), weights=w, out=str(tmp_path / f"one-{w}"))
         engine.merge(single, progress=False, summary=False)
@@ -76,7 +77,7 @@ def test_sharded_equals_unsharded(tmp_path, ckpts, method, kw):
         len([f for f in os.listdir(tmp_path / "sharded/params/embed.embedding") if not f.startswith(".")])
         == 8
     )
-    tree = flat(engine.merge_to_tree(r, mesh=mesh))
+    tree = flatten(engine.merge_to_tree(r, mesh=mesh))
     for n, a in tree.items():
         assert isinstance(a, jax.Array) and len(a.sharding.device_set) == 8
         assert np.array_equal(np.asarray(a).view(np.uint16), plain[n].view(np.uint16)), n

@@ -211,7 +211,7 @@ def test_merge_to_tree_matches_written_output(tmp_path, ckpts):
     )
     tree = engine.merge_to_tree(r)
     got = run(tmp_path, r)
-    from tests.merge.conftest import flat
+    from ptm.ckpt.tree import flatten
 
-    for n, a in flat(tree).items():
+    for n, a in flatten(tree).items():
         assert np.array_equal(a.view(np.uint16), got[n].view(np.uint16)), n
