@@ -196,9 +196,14 @@ def _gcs_switch(stage: str, path: str) -> None:
     rel = [o[len(stage) + 1 :] for o in staged]
     order = sorted(rel, key=lambda r: (r in COMPLETION_FILES, r))
     for r in order:
-        fs.copy(f"{stage}/{r}", f"{path}/{r}")
+        _copy_object(fs, f"{stage}/{r}", f"{path}/{r}")
     fs.rm(staged + [f"{stage}/{STAGED_MARKER}"])
     fs.invalidate_cache()
+
+
+def _copy_object(fs, src: str, dst: str) -> None:
+    """Server-side copy of one GCS object (no download)."""
+    fs.copy(src, dst)
 
 
 def _rm_local(path: str) -> None:
