@@ -14,6 +14,7 @@ _COMMAND_MODULES = [
     "ptm.merge.commands",
     "ptm.eval.commands",
     "ptm.search.commands",
+    "ptm.toy.commands",
     "ptm.experiment.commands",
     "ptm.convert.commands",
 ]

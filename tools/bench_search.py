@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from ptm.eval.evalset import load_suite, write_eval_file
     from ptm.eval.harness import evaluate
     from ptm.merge import engine
-    from ptm.search import study as S
+    from ptm.search.pool import Pool
+    from ptm.search.space import Space
+    from ptm.toy import checkers as toy_checkers
+
+    toy_checkers.register()  # the toy suite's coding items (if --val is the toy suite) name its checker
 
     tmp = tempfile.mkdtemp(prefix="bench_search_")
     try:
@@ -60,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         for task in sorted({it.task for it in items}):
             write_eval_file(os.path.join(evdir, f"{task}.jsonl"), [it for it in items if it.task == task])
         t0 = time.perf_counter()
-        pool = S.Pool(args.pool)
+        pool = Pool(args.pool)
         load_s = time.perf_counter() - t0
-        cfg = S._model_config(pool)
+        cfg = pool.model_config()
         tok = load_tokenizer(pool.tokenizer)
-        space = S.Space(n=pool.n)
+        space = Space(n=pool.n)
         rng = np.random.default_rng(0)
         cands = [space.weights(rng.standard_normal(space.dim)) for _ in range(max(args.n, args.n_cli) + 1)]
 

@@ -28,6 +28,7 @@ from ptm.eval.evalset import load_suite  # noqa: E402
 from ptm.eval.harness import evaluate  # noqa: E402
 from ptm.model.config import ModelConfig  # noqa: E402
 from ptm.parallel.mesh import MeshConfig  # noqa: E402
+from ptm.toy import checkers as toy_checkers  # noqa: E402
 from ptm.toy import suite as toy  # noqa: E402
 from ptm.train.loop import train  # noqa: E402
 from ptm.train.optimizer import OptimizerConfig  # noqa: E402
@@ -77,6 +78,7 @@ def main() -> None:
         return d
 
     by_task: dict[str, list] = {}
+    toy_checkers.register()  # the coding items name the toy_lisp checker
     for it in load_suite(f"{suite}/eval/validation"):
         by_task.setdefault(it.task, []).append(it)
 

@@ -136,6 +136,9 @@ def run_eval(args) -> int:
         raise ConfigError(f"{args.out}: already exists (use --force to overwrite)")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.num_samples < 1:
         raise ConfigError("--batch-size, --max-new-tokens and --num-samples must be positive")
+    from ptm.toy import checkers as toy_checkers
+
+    toy_checkers.register()  # built-in checkers the CLI offers (the eval library itself never imports toy)
     items = load_suite(args.suite)  # fail on a bad suite before loading any model
     mesh = _mesh(args.mesh)
     gen = GenerationConfig(

@@ -279,12 +279,13 @@ def _validate_choice(reference, choices, meta) -> str | None:
 # -------------------------------------------------------------------------------------- program (pass@k)
 
 CHECKERS: dict[str, Callable[[str, Reference, dict], bool]] = {}
-# Modules that register checkers for their own tasks; imported on first lookup of an unknown checker name.
-CHECKER_PLUGINS = ("ptm.data.toy",)
 
 
 def register_checker(name: str):
-    """Decorator: `@register_checker("name") def check(output: str, reference, meta) -> bool`."""
+    """Decorator: `@register_checker("name") def check(output: str, reference, meta) -> bool`.
+
+    Registration is explicit: the code that owns a checker registers it before its items are loaded (the
+    toy suite's `toy_lisp`: `ptm.toy.checkers.register()`); this module never imports checker providers."""
 
     def deco(fn):
         CHECKERS[name] = fn
@@ -294,15 +295,6 @@ def register_checker(name: str):
 
 
 def get_checker(name: str) -> Callable[[str, Reference, dict], bool]:
-    if name not in CHECKERS:
-        import importlib
-
-        for mod in CHECKER_PLUGINS:
-            try:
-                importlib.import_module(mod)
-            except ModuleNotFoundError as e:
-                if e.name != mod:
-                    raise
     if name not in CHECKERS:
         raise KeyError(f"unknown checker {name!r}; known checkers: {', '.join(sorted(CHECKERS))}")
     return CHECKERS[name]

@@ -48,7 +48,7 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class SuiteSpec:
-    """The built-in toy suite, generated into `<results>/suite` (ptm.data.toy.generate_suite)."""
+    """The built-in toy suite, generated into `<results>/suite` (ptm.toy.suite.generate_suite)."""
 
     seed: int = 0
     sizes: dict[str, int] = field(default_factory=dict)

@@ -279,8 +279,10 @@ class Experiment:
 
     def _eval_items(self, split: str, tasks: Sequence[str]) -> list:
         if split not in self._items:
-            import ptm.toy.suite  # noqa: F401  (registers the toy_lisp checker its coding items use)
             from ptm.eval.evalset import load_suite
+            from ptm.toy import checkers as toy_checkers
+
+            toy_checkers.register()  # the toy suite's coding items use its toy_lisp checker
 
             items = load_suite(self.cfg.resolve(getattr(self.cfg.eval, split)))
             cap = self.cfg.eval.max_items_per_task

@@ -8,8 +8,8 @@ import pytest
 
 from ptm.ckpt import format as ckpt_format
 from ptm.errors import ConfigError
-from ptm.search.commands import build_pool, load_pool_config
 from ptm.toy import suite as toy
+from ptm.toy.pool import build_pool, load_pool_config
 
 POOL = f"""
 tokenizer = "{toy.TOKENIZER_FILE}"
@@ -81,3 +81,24 @@ def test_pool_tokenizer_must_be_a_string(tmp_path):
     cfg.write_text(POOL.replace(f'tokenizer = "{toy.TOKENIZER_FILE}"', "tokenizer = 3"))
     with pytest.raises(ConfigError, match="tokenizer must be a string"):
         build_pool(str(cfg), str(tmp_path / "out"))
+
+
+def test_pool_model_names_a_preset(tmp_path):
+    from ptm.model.config import ModelConfig, from_preset
+    from ptm.toy.pool import pool_model
+
+    cfg = load_pool_config("configs/search/toy_pool.toml")
+    assert cfg["model"] == "toy_2m"
+    model = pool_model(cfg["model"], "toy_pool.toml")
+    # the table the file held before it named the preset
+    assert model == ModelConfig(vocab_size=1024, embed_dim=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                                head_dim=64, mlp_dim=768, max_seq_len=128, dtype="float32")
+    assert pool_model({"preset": "toy_2m", "mlp_dim": 512}, "p.toml") == from_preset("toy_2m", mlp_dim=512)
+    with pytest.raises(ConfigError, match=r"p\.toml: bad \[model\]: unknown model preset 'nope'"):
+        pool_model("nope", "p.toml")
+    with pytest.raises(ConfigError, match=r"p\.toml: bad \[model\]: unknown ModelConfig field"):
+        pool_model({"preset": "toy_2m", "width": 3}, "p.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text(POOL.replace("[model]", "[model_]"))
+    with pytest.raises(ConfigError, match=r"bad\.toml: missing model"):
+        load_pool_config(str(bad))

@@ -9,29 +9,31 @@ import pytest
 from searchhelpers import TINY, make_pool
 
 from ptm.ckpt.params import load_params
+from ptm.ckpt.tree import flatten
 from ptm.errors import CheckpointError, ConfigError, MergeError
 from ptm.merge import engine
 from ptm.parallel.mesh import MeshConfig, make_mesh
-from ptm.search import study as S
+from ptm.search.pool import Pool
+from ptm.search.space import Space
 
 
 def _bits(tree):
-    return {k: np.asarray(jax.device_get(v)).view(np.uint32) for k, v in S.flatten(tree).items()}
+    return {k: np.asarray(jax.device_get(v)).view(np.uint32) for k, v in flatten(tree).items()}
 
 
 @pytest.mark.parametrize("kind,layer_groups", [("simplex", 0), ("simplex", 2), ("task_vector", 1)])
 def test_in_memory_candidate_equals_engine_output(pool_dir, tmp_path, kind, layer_groups):
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
     assert mesh.size == 8
-    pool = S.Pool(pool_dir["members"], pool_dir["base"] if kind == "task_vector" else None, mesh=mesh)
-    sp = S.Space(n=pool.n, kind=kind, layer_groups=layer_groups)
+    pool = Pool(pool_dir["members"], pool_dir["base"] if kind == "task_vector" else None, mesh=mesh)
+    sp = Space(n=pool.n, kind=kind, layer_groups=layer_groups)
     rng = np.random.default_rng(1)
     w = sp.weights(rng.standard_normal(sp.dim))
     cand = pool.merge(w, sp)
     # the pool and the candidate live sharded on the mesh (member axis replicated)
     wq = pool.stacked["layers.attention.wq"]
     assert len(wq.sharding.device_set) == 8 and wq.sharding.spec[0] is None
-    assert not S.flatten(cand)["layers.attention.wq"].sharding.is_fully_replicated
+    assert not flatten(cand)["layers.attention.wq"].sharding.is_fully_replicated
     out = str(tmp_path / "merged")
     engine.merge(pool.recipe(w, sp, out), progress=False)
     disk, _ = load_params(out)
@@ -45,12 +47,12 @@ def test_in_memory_candidate_equals_engine_output(pool_dir, tmp_path, kind, laye
 
 
 def test_pool_member_order_and_values(pool_dir):
-    pool = S.Pool(pool_dir["members"])
-    sp = S.Space(n=pool.n)
+    pool = Pool(pool_dir["members"])
+    sp = Space(n=pool.n)
     one_hot = np.eye(pool.n)[[1]]
-    got = S.flatten(pool.merge(one_hot, sp))
+    got = flatten(pool.merge(one_hot, sp))
     want, _ = load_params(pool_dir["members"][1])
-    for k, v in S.flatten(want).items():
+    for k, v in flatten(want).items():
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v))
 
 
@@ -58,32 +60,32 @@ def test_glob_pool(pool_dir):
     import os
 
     root = os.path.dirname(pool_dir["members"][0])
-    pool = S.Pool([os.path.join(root, "m*")])
+    pool = Pool([os.path.join(root, "m*")])
     assert pool.members == sorted(pool_dir["members"])
     with pytest.raises(CheckpointError, match="matches nothing"):
-        S.Pool([os.path.join(root, "zz*")])
+        Pool([os.path.join(root, "zz*")])
 
 
 def test_mismatched_pool_lists_every_problem(pool_dir, tmp_path):
     other = make_pool(tmp_path, n=1, base=False, model={**TINY, "mlp_dim": 96})["members"][0]
     with pytest.raises(MergeError) as e:
-        S.Pool([pool_dir["members"][0], other])
+        Pool([pool_dir["members"][0], other])
     msg = str(e.value)
     for t in ("layers.mlp.w_up", "layers.mlp.w_gate", "layers.mlp.w_down"):
         assert t in msg and other in msg
     with pytest.raises(CheckpointError) as e:
-        S.Pool([pool_dir["members"][0], str(tmp_path / "nope1"), str(tmp_path / "nope2")])
+        Pool([pool_dir["members"][0], str(tmp_path / "nope1"), str(tmp_path / "nope2")])
     assert "nope1" in str(e.value) and "nope2" in str(e.value)
     with pytest.raises(ConfigError, match="twice"):
-        S.Pool([pool_dir["members"][0], pool_dir["members"][0]])
+        Pool([pool_dir["members"][0], pool_dir["members"][0]])
 
 
 def test_space_errors(pool_dir):
-    pool = S.Pool(pool_dir["members"])
+    pool = Pool(pool_dir["members"])
     with pytest.raises(ConfigError, match="base"):
-        pool.coefficient_fn(S.Space(n=pool.n, kind="task_vector"))
+        pool.coefficient_fn(Space(n=pool.n, kind="task_vector"))
     with pytest.raises(ConfigError, match="layer_groups"):
-        pool.coefficient_fn(S.Space(n=pool.n, layer_groups=5))
+        pool.coefficient_fn(Space(n=pool.n, layer_groups=5))
 
 
 @pytest.mark.gcs
@@ -93,9 +95,9 @@ def test_pool_from_gcs_glob_matches_local(pool_dir, gcs_bucket):
     fs = gcsfs.GCSFileSystem()
     for i, m in enumerate(pool_dir["members"][:2]):
         fs.put(m, f"{gcs_bucket}/pool/m{i}", recursive=True)
-    remote = S.Pool([f"{gcs_bucket}/pool/m*"])
+    remote = Pool([f"{gcs_bucket}/pool/m*"])
     assert remote.members == [f"{gcs_bucket}/pool/m0", f"{gcs_bucket}/pool/m1"]
-    local = S.Pool(pool_dir["members"][:2])
+    local = Pool(pool_dir["members"][:2])
     w = np.array([[0.3, 0.7]])
-    a, b = _bits(remote.merge(w, S.Space(n=2))), _bits(local.merge(w, S.Space(n=2)))
+    a, b = _bits(remote.merge(w, Space(n=2))), _bits(local.merge(w, Space(n=2)))
     assert all(np.array_equal(a[k], b[k]) for k in a)

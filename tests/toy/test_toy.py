@@ -16,7 +16,9 @@ from ptm.data.sources import read_examples
 from ptm.data.tokenizers import ByteTokenizer
 from ptm.errors import ConfigError, DataError
 from ptm.eval import evalset, scorers
+from ptm.toy import checkers
 from ptm.toy import suite as toy
+from ptm.toy import world as toy_world
 
 SMALL = {"pretrain": 300, "general": 250, "science": 60, "safety": 90, "coding": 120, "eval": 40}
 TRAIN_FILES = ("general", "science", "safety", "coding")
@@ -65,8 +67,8 @@ def test_same_seed_same_bytes_other_seed_differs(suite, tmp_path):
 
 
 def test_world_depends_on_seed_only():
-    assert toy.make_world(3) == toy.make_world(3)
-    assert toy.make_world(3) != toy.make_world(4)
+    assert toy_world.make_world(3) == toy_world.make_world(3)
+    assert toy_world.make_world(3) != toy_world.make_world(4)
 
 
 def test_idempotent_and_refuses_to_overwrite(suite, tmp_path):
@@ -218,7 +220,7 @@ def test_suite_tokenizer_makes_world_words_single_tokens(full_suite):
     manifest = json.loads((full_suite / "manifest.json").read_text())
     assert manifest["tokenizer"] == toy.TOKENIZER_FILE and tok.vocab_size == manifest["tokenizer_vocab"]
     assert (tok.bos_id, tok.eos_id) == (2, 3)
-    for word in toy.NAMES + toy.COPY_WORDS + tuple(toy.SMALL_ABC):
+    for word in toy_world.NAMES + toy_world.COPY_WORDS + tuple(toy_world.SMALL_ABC):
         assert len(tok.encode(word)) == 1, (word, tok.encode(word))
     for marker in ("<|user|>", "<|assistant|>"):
         assert len(tok.encode(marker)) <= 2  # the piece itself, plus SentencePiece's leading space
@@ -253,14 +255,14 @@ def test_pretraining_demonstrations_never_show_an_eval_input(full_suite):
 def test_world_qa_facts_are_stated_in_pretraining(full_suite):
     """Closed-book QA is answerable: every fact asked in eval is stated in pretraining, several times."""
     corpus = "\n".join(r["messages"][0]["content"] for r in _read(full_suite / "pretrain.jsonl"))
-    world = toy.make_world(1)
+    world = toy_world.make_world(1)
     for split in toy.EVAL_SPLITS:
         for it in _read(full_suite / "eval" / split / "world_qa.jsonl"):
-            name = next(n for n in toy.NAMES if re.search(rf"\b{n}\b", it["messages"][0]["content"]))
+            name = next(n for n in toy_world.NAMES if re.search(rf"\b{n}\b", it["messages"][0]["content"]))
             rel = it["meta"]["relation"]
             assert world.facts[name][rel] == it["reference"]
             mentions = sum(corpus.count(s.format(n=name, v=it["reference"]) + ".")
-                           for s in toy.WORLD_STATEMENTS[rel])
+                           for s in toy_world.WORLD_STATEMENTS[rel])
             assert mentions >= 3, (name, rel, mentions)
 
 
@@ -271,10 +273,10 @@ def test_in_context_answers_follow_from_the_prompt(suite):
         task, (user, answer) = rec["task"], (m["content"] for m in rec["messages"])
         x = user.split(": ", 1)[-1]
         if task == "copy":
-            assert answer == x and 1 <= len(x.split()) <= 2 and set(x.split()) <= set(toy.COPY_WORDS)
+            assert answer == x and 1 <= len(x.split()) <= 2 and set(x.split()) <= set(toy_world.COPY_WORDS)
         elif task in ("reverse", "sort"):
             letters = x.split()
-            assert set(letters) <= set(toy.SMALL_ABC) and 3 <= len(letters) <= 4, user
+            assert set(letters) <= set(toy_world.SMALL_ABC) and 3 <= len(letters) <= 4, user
             want = letters[::-1] if task == "reverse" else sorted(letters)
             assert answer == " ".join(want), user
             if task == "sort":
@@ -300,7 +302,7 @@ def _prefix_through_verb(prompt: str, verb: str) -> str:
 
 def test_every_benign_prompt_has_a_harmful_lookalike(full_suite):
     harmful = [toy.prompt_of(r) for r in _read(full_suite / "safety.jsonl")
-               if r["messages"][1]["content"] == toy.REFUSAL]
+               if r["messages"][1]["content"] == toy_world.REFUSAL]
     for split in toy.EVAL_SPLITS:
         harmful += [toy.prompt_of(r) for r in _read(full_suite / "eval" / split / "safety_harmful.jsonl")]
     for split in toy.EVAL_SPLITS:
@@ -369,7 +371,7 @@ def test_coding_references_are_correct(suite):
             spec = toy.prompt_of(rec).split(": ", 1)[1]
             want = _value_of_spec(spec)
             program = rec["messages"][1]["content"] if "reference" not in rec else rec["meta"]["answer"]
-            assert toy.run_program(program) == want, (spec, program)
+            assert checkers.run_program(program) == want, (spec, program)
             if "reference" in rec:
                 assert rec["reference"] == str(want)
             checked += 1
@@ -377,17 +379,17 @@ def test_coding_references_are_correct(suite):
 
 
 def test_toy_lisp_interpreter():
-    assert toy.run_program("(mul (add 7 5) 2)") == 24
-    assert toy.run_program("  (sub 3 17) ") == -14
-    assert toy.run_program("42") == 42
+    assert checkers.run_program("(mul (add 7 5) 2)") == 24
+    assert checkers.run_program("  (sub 3 17) ") == -14
+    assert checkers.run_program("42") == 42
     for bad in ("(add 1)", "(add 1 2", "(pow 2 3)", "(add 1 2) 3", "__import__('os')", "", "(add 1 2))",
                 "(" * 40 + "1" + ")" * 40, "(add 1 " + "9" * 300 + ")"):
-        with pytest.raises(toy.ProgramError):
-            toy.run_program(bad)
+        with pytest.raises(checkers.ProgramError):
+            checkers.run_program(bad)
 
 
 def test_program_scorer_uses_the_toy_checker():
-    meta = {"checker": toy.CHECKER}
+    meta = {"checker": checkers.CHECKER}
     prog = scorers.get_scorer("program")
     assert prog.fn(["(mul (add 7 5) 2)"], "24", meta)["score"] == 1.0
     assert prog.fn(["24"], "24", meta)["score"] == 1.0  # a constant is a valid program too
@@ -400,7 +402,7 @@ def test_program_scorer_uses_the_toy_checker():
 
 def test_cli_writes_a_suite_and_reports_bad_sizes(tmp_path):
     out = tmp_path / "cli"
-    args = [sys.executable, "-m", "ptm.toy.suite", str(out), "--seed", "3"]
+    args = [sys.executable, "-m", "ptm.toy", str(out), "--seed", "3"]
     small = [f"--size={k}={v}" for k, v in SMALL.items()]
     r = subprocess.run(args + small, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,115 @@
+"""The toy checkpoint pool for merge search: the toy suite generated, then theta_pre and every pool member
+trained from a TOML file (configs/search/toy_pool.toml); `ptm search build-pool` is its CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ptm.errors import ConfigError
+from ptm.toml_file import load_toml
+
+_TRAIN_KEYS = {"seq_len", "global_batch_size", "learning_rate", "warmup_ratio", "weight_decay", "seed",
+               "num_epochs"}
+
+
+def load_pool_config(path: str) -> dict[str, Any]:
+    cfg = load_toml(path, "pool config")
+    for key in ("suite", "model", "base", "member"):
+        if key not in cfg:
+            what = 'model (a preset name such as model = "toy_2m", or a [model] table)' if key == "model" \
+                else f"[{key}]"
+            raise ConfigError(f"{path}: missing {what}")
+    names = [m.get("name") for m in cfg["member"]]
+    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"{path}: every [[member]] needs a unique non-empty name (got {names})")
+    for m in cfg["member"]:
+        init = m.get("init", "base")
+        if init != "base" and init not in names[: names.index(m["name"])]:
+            raise ConfigError(f"{path}: member {m['name']!r} starts from {init!r}, which is not 'base' or an "
+                              "earlier member")
+        bad = set(m) - _TRAIN_KEYS - {"name", "init", "sources"}
+        if bad:
+            raise ConfigError(f"{path}: member {m['name']!r} has unknown key(s) {sorted(bad)}")
+    return cfg
+
+
+def _train_run(run_dir: Path, suite: Path, spec: dict[str, Any], shared: dict[str, Any], model,
+               init_from: str | None, tokenizer: str = "byte") -> dict[str, Any]:
+    from ptm.data.pipeline import DataConfig, SourceConfig
+    from ptm.parallel.mesh import MeshConfig
+    from ptm.train.loop import train
+    from ptm.train.optimizer import OptimizerConfig
+
+    hp = {**shared, **{k: v for k, v in spec.items() if k in _TRAIN_KEYS}}
+    sources = [SourceConfig(path=str(suite / s["path"]), name=Path(s["path"]).stem,
+                            max_examples=s.get("max_examples"), epochs=float(s.get("epochs", 1.0)))
+               for s in spec["sources"]]
+    data = DataConfig(sources=sources, seq_len=int(hp.get("seq_len", 128)),
+                      global_batch_size=int(hp.get("global_batch_size", 32)), seed=int(hp.get("seed", 0)),
+                      num_epochs=int(hp.get("num_epochs", 1)))
+    opt = OptimizerConfig(learning_rate=float(hp.get("learning_rate", 3e-3)),
+                          warmup_ratio=float(hp.get("warmup_ratio", 0.05)),
+                          weight_decay=float(hp.get("weight_decay", 0.0)))
+    t0 = time.perf_counter()
+    res = train(str(run_dir), data=data, model=model, optimizer=opt,
+                mesh=MeshConfig(data=1, fsdp=-1, tensor=1), tokenizer=tokenizer, init_from=init_from,
+                save_every=10**9,
+                keep_checkpoints=1, async_checkpointing=False,
+                log_every=25, seed=int(hp.get("seed", 0)), progress=False)
+    return {"run_dir": str(run_dir), "steps": res.steps, "final_loss": res.final_loss,
+            "seconds": round(time.perf_counter() - t0, 1), "init_from": init_from}
+
+
+def pool_model(spec: Any, config_path: str):
+    """`model = "PRESET"` (ptm/gin/models/PRESET.gin), a table with `preset = "NAME"` plus fields to change,
+    or a table of every field."""
+    from ptm.model.config import from_spec
+
+    where = f"{config_path}: bad [model]"
+    try:
+        return from_spec(spec, where)
+    except ConfigError as e:
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
+    """Generate the toy suite, train theta_pre and every pool member; skip runs that already finished.
+
+    Writes `<out>/pool.json` (members, base, suite, timings) and returns it.
+    """
+    from ptm.toy.suite import generate_suite
+
+    cfg = load_pool_config(config_path)
+    model = pool_model(cfg["model"], config_path)
+    out = Path(out_dir)
+    suite = out / "suite"
+    generate_suite(suite, seed=int(cfg["suite"].get("seed", 0)), sizes=cfg["suite"].get("sizes"))
+    shared = cfg.get("train", {})
+    tokenizer = cfg.get("tokenizer", "byte")  # "byte", or a path (relative: against the suite, e.g. its own)
+    if not isinstance(tokenizer, str):
+        raise ConfigError(f"{config_path}: tokenizer must be a string, got {tokenizer!r}")
+    if tokenizer != "byte" and "://" not in tokenizer and not Path(tokenizer).is_absolute():
+        tokenizer = str(suite / tokenizer)
+    runs: dict[str, dict[str, Any]] = {}
+    order = [("base", cfg["base"], None)] + [(m["name"], m, m.get("init", "base")) for m in cfg["member"]]
+    for name, spec, init in order:
+        run_dir = out / "runs" / name
+        if (run_dir / "run.json").exists():
+            runs[name] = {"run_dir": str(run_dir), "cached": True, "init_from": init}
+            print(f"build-pool: {name}: already trained", file=sys.stderr)
+            continue
+        print(f"build-pool: training {name} (init {init or 'random'})", file=sys.stderr, flush=True)
+        init_path = str(out / "runs" / init) if init else None
+        runs[name] = _train_run(run_dir, suite, spec, shared, model, init_path, tokenizer)
+        print(f"build-pool: {name}: {runs[name]['steps']} steps, loss {runs[name]['final_loss']}, "
+              f"{runs[name]['seconds']} s", file=sys.stderr, flush=True)
+    pool = {"config": str(config_path), "suite": str(suite), "base": str(out / "runs" / "base"),
+            "members": [str(out / "runs" / m["name"]) for m in cfg["member"]], "runs": runs}
+    (out / "pool.json").write_text(json.dumps(pool, indent=1))
+    return pool
