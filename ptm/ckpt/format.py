@@ -76,12 +76,14 @@ def complete_steps(checkpoints: str | epath.Path) -> list[epath.Path]:
 
 
 def _invalidate_gcs_listings() -> None:
+    """Drop the directory listings that gcsfs caches, in every instance (epath and tensorstore users each hold
+    one), so that existence checks and listings see objects written by other processes since."""
     try:
         import gcsfs
-
-        gcsfs.GCSFileSystem().invalidate_cache()  # instances are cached by gcsfs: this is epath's one too
     except ImportError:  # pragma: no cover - gcsfs is a core dependency
-        pass
+        return
+    for fs in list(getattr(gcsfs.GCSFileSystem, "_cache", {}).values()):
+        fs.invalidate_cache()
 
 
 def read_meta(step_dir: str | epath.Path) -> dict[str, Any] | None:
@@ -146,6 +148,8 @@ def absolute(path: str | epath.Path) -> epath.Path:
 def resolve(path: str | epath.Path) -> ModelCheckpoint:
     """Accept a run dir (newest complete step), a step/merge-output dir, or a bare Orbax params dir."""
     p = absolute(path)
+    if is_gcs(p):
+        _invalidate_gcs_listings()
     if not p.exists():
         old = str(p) + ".ptm-merge-old"
         if not is_gcs(p) and os.path.isdir(old):

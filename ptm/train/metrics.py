@@ -48,9 +48,18 @@ class MetricsLogger:
 
             self._jsonl_path = epath.Path(jsonl_path)
             self.jsonl = []
+        self._remote: str | None = None
         if log_dir:
             from tensorboardX import SummaryWriter
 
+            if str(log_dir).startswith("gs://"):
+                # tensorboardX's own gs:// writer re-uploads the whole event file on every flush and once more
+                # from __del__ at interpreter exit (hanging 120 s in retries when the store is gone); events go to
+                # a local dir instead and are uploaded with the metrics at checkpoint time and at close.
+                import tempfile
+
+                self._remote, log_dir = str(log_dir), tempfile.mkdtemp(prefix="ptm-tb-")
+            self._local = log_dir
             self.writer = SummaryWriter(log_dir)
         from tqdm import tqdm
 
@@ -89,6 +98,21 @@ class MetricsLogger:
             old = self._jsonl_path.read_text() if self._jsonl_path.exists() else ""
             self._jsonl_path.write_text(old + "\n".join(self.jsonl) + "\n")
             self.jsonl = []
+        self._upload_events()
+
+    def _upload_events(self) -> None:
+        if self.writer is None or self._remote is None:
+            return
+        import os
+
+        from ptm.ckpt.stores import gcs_fs
+
+        self.writer.flush()
+        fs = gcs_fs()
+        for d, _, files in os.walk(self._local):
+            for f in files:
+                rel = os.path.relpath(os.path.join(d, f), self._local)
+                fs.put(os.path.join(d, f), f"{self._remote}/{rel}")
 
     def close(self) -> None:
         self.flush()
@@ -96,3 +120,9 @@ class MetricsLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+            self._upload_events()
+            if self._remote is not None:
+                import shutil
+
+                shutil.rmtree(self._local, ignore_errors=True)
+            self.writer = None

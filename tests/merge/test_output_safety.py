@@ -142,7 +142,7 @@ def test_gcs_overwrite_keeps_the_old_output_until_the_new_one_is_complete(gcs_bu
     for fail_after in (0, 1, 3):  # copies done before the "kill"
         calls = {"n": 0}
 
-        def copy(*a):
+        def copy(*a, calls=calls, fail_after=fail_after):
             if calls["n"] >= fail_after:
                 raise Boom
             calls["n"] += 1
