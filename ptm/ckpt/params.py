@@ -3,7 +3,9 @@ shards), and place in-memory trees with the training shardings."""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -11,6 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from ptm.ckpt import format as ckpt_format
+from ptm.ckpt.tree import flatten, shapes
 from ptm.errors import CheckpointError
 from ptm.model.config import ModelConfig
 from ptm.model.sharding import param_shardings
@@ -48,6 +51,7 @@ def load_params(path: str | epath.Path, shardings=None, *, model_config: ModelCo
         check_same_model(ref.meta, model_config, str(ref.root))
     ckptr = ocp.StandardCheckpointer()
     tree = _meta_tree(ckptr, ref.params_path)  # names, shapes, dtypes: read once, no arrays
+    _check_tree(tree, ref.params_path, shardings, model_config)
     is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     if shardings is None:  # everything on the first local device
         dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -65,9 +69,57 @@ def _meta_tree(ckptr, params_path):
     try:
         meta_tree = ckptr.metadata(params_path)
     except Exception as e:
-        raise CheckpointError(f"{params_path}: not a readable Orbax checkpoint: {e}") from e
+        raise CheckpointError(f"{params_path}: not a readable Orbax checkpoint: {_metadata_problem(params_path)} "
+                              f"({type(e).__name__}: {e})") from e
     tree = getattr(meta_tree, "item_metadata", meta_tree)
     return getattr(tree, "tree", tree)
+
+
+def _metadata_problem(params_path) -> str:
+    """Why `params/_METADATA` yields no tensor tree (Orbax only logs a warning and returns nothing)."""
+    f = epath.Path(params_path) / "_METADATA"
+    if not f.exists():
+        return f"{f} is missing"
+    try:
+        md = json.loads(f.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"{f} is not valid JSON, truncated or corrupt ({e})"
+    if not isinstance(md, dict) or not isinstance(md.get("tree_metadata"), dict) or not md["tree_metadata"]:
+        return f"{f} has no tree_metadata entries"
+    from ptm.ckpt.stores import OrbaxStore
+
+    try:  # every tensor it lists must be stored: our reader names the first that is not
+        OrbaxStore(params_path).tensors()
+    except CheckpointError as e:
+        return f"{f} does not match the stored arrays: {e}"
+    return f"{f} describes no tensors Orbax can read"
+
+
+def _check_tree(tree, params_path, shardings, model_config: ModelConfig | None) -> None:
+    """The checkpoint's tensor tree (from `params/_METADATA`) must be the one asked for: the model's tensors and
+    shapes (`model_config`), else the structure of `shardings`. Otherwise a corrupt `_METADATA` surfaces as
+    "pytree structure error" deep in jax. Lists every missing/extra tensor and shape clash."""
+    if not isinstance(tree, Mapping) or not tree:
+        raise CheckpointError(f"{params_path}: no parameter tree in the checkpoint: {_metadata_problem(params_path)}")
+    got = flatten(tree)
+    if model_config is not None:
+        want: dict[str, Any] = shapes(model_config)
+    elif isinstance(shardings, Mapping):
+        want = {n: None for n in flatten(shardings)}
+    else:
+        return
+    problems = [f"missing tensor {n!r}" for n in sorted(set(want) - set(got))]
+    problems += [f"extra tensor {n!r}" for n in sorted(set(got) - set(want))]
+    for n in sorted(set(want) & set(got)):
+        shape = tuple(getattr(got[n], "shape", ()) or ())
+        if want[n] is not None and shape != tuple(want[n]):
+            problems.append(f"tensor {n!r} has shape {list(shape)}, the model needs {list(want[n])}")
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+        raise CheckpointError(
+            f"{params_path}: the checkpoint's tensor tree (params/_METADATA) does not match the model "
+            f"({len(problems)} problem(s)): " + "; ".join(shown)
+        )
 
 
 def read_model_config(path: str) -> tuple[ModelConfig, dict]:

@@ -94,7 +94,7 @@ class _Done:
 
 
 class _TsRead:
-    """A tensorstore read future whose errors become CheckpointErrors naming the tensor."""
+    """A tensorstore read future whose errors become CheckpointErrors naming the tensor (and the chunk)."""
 
     def __init__(self, fut, where: str):
         self._f, self._where = fut, where
@@ -103,6 +103,13 @@ class _TsRead:
         try:
             return self._f.result()
         except Exception as e:  # tensorstore raises ValueError/OSError subclasses for corrupt data
+            msg = str(e)
+            if msg.startswith("NOT_FOUND") and "is missing" in msg:
+                # "NOT_FOUND: chunk {0, 0, 0} stored at local file ".../0.0.0" is missing"
+                raise CheckpointError(
+                    f"{self._where}: {msg.removeprefix('NOT_FOUND: ')}: the checkpoint is incomplete or corrupt "
+                    "(its writer stores every chunk; the gap is not read as zeros)"
+                ) from e
             raise CheckpointError(f"{self._where}: cannot read ({e})") from e
 
 
@@ -136,6 +143,12 @@ class OrbaxStore(InputStore):
             raise CheckpointError(f"{mfile}: unreadable Orbax tree metadata ({e})") from e
         self._zarr3 = bool(md.get("use_zarr3", False))
         self._ocdbt = (ck.params_path / "manifest.ocdbt").exists()
+        # A missing chunk reads as the fill value (zeros) unless tensorstore is told otherwise. It is corruption
+        # when the writer stores every chunk: Orbax records that as `store_array_data_equal_to_fill_value`
+        # (ptm's merge outputs and Orbax >= 0.5 checkpoints; Orbax's restore refuses the gap then), and an
+        # array whose zarr fill_value is null has every written chunk stored too (checked per tensor on open).
+        self._strict = bool(md.get("store_array_data_equal_to_fill_value", False))
+        self._strict_of: dict[str, bool] = {}
         self._keys: dict[str, list[dict[str, Any]]] = {}
         for entry in tree.values():
             keys = entry["key_metadata"]
@@ -144,10 +157,10 @@ class OrbaxStore(InputStore):
         self._infos: dict[str, TensorInfo] | None = None
         self._ctx = None
 
-    def _spec(self, name: str) -> dict[str, Any]:
+    def _spec(self, name: str, strict: bool) -> dict[str, Any]:
         base = kvstore_url(self.params_path)
         kv: Any = {"driver": "ocdbt", "base": base, "path": name + "/"} if self._ocdbt else base + name + "/"
-        return {"driver": "zarr3" if self._zarr3 else "zarr", "kvstore": kv}
+        return {"driver": "zarr3" if self._zarr3 else "zarr", "kvstore": kv, "fill_missing_data_reads": not strict}
 
     def _handle(self, name: str):
         import tensorstore as ts
@@ -155,7 +168,13 @@ class OrbaxStore(InputStore):
         if name not in self._handles:
             try:
                 kw = {"context": self._ctx} if self._ctx is not None else {}
-                self._handles[name] = ts.open(self._spec(name), open=True, read=True, **kw).result()
+                strict = self._strict_of.get(name, self._strict)
+                h = ts.open(self._spec(name, strict), open=True, read=True, **kw).result()
+                if not strict and h.fill_value is None:  # no fill value: every written chunk is stored
+                    strict = True
+                    h = ts.open(self._spec(name, strict), open=True, read=True, **kw).result()
+                self._strict_of[name] = strict
+                self._handles[name] = h
             except Exception as e:
                 raise CheckpointError(
                     f"{self.params_path}: tensor {name!r} is missing or corrupt ({e})"
@@ -215,6 +234,10 @@ def _read_st_header(f, where: str, size: int) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
+def _is_uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _parse_st_entries(header: dict[str, Any], data_start: int, size: int, where: str) -> list[_StEntry]:
     out = []
     spans = []
@@ -223,10 +246,23 @@ def _parse_st_entries(header: dict[str, Any], data_start: int, size: int, where:
             continue
         try:
             dtype = SAFETENSORS[e["dtype"]]
-            shape = tuple(int(d) for d in e["shape"])
-            b, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
+            raw_shape, offsets = e["shape"], e["data_offsets"]
+        except (KeyError, TypeError) as err:
             raise CheckpointError(f"{where}: bad header entry for tensor {name!r}: {e!r} ({err})") from err
+        # JSON integers only: int() would accept -64 (a product of two negative dims passes the size check),
+        # 2.5 or "3"; bool is an int subclass in Python.
+        if not isinstance(raw_shape, list) or not all(_is_uint(d) for d in raw_shape):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {raw_shape!r} in the safetensors header; a shape is a list "
+                "of non-negative integers"
+            )
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(x) for x in offsets)):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has data_offsets {offsets!r} in the safetensors header; expected "
+                "[begin, end] with non-negative integers"
+            )
+        shape = tuple(raw_shape)
+        b, end = offsets
         need = math.prod(shape) * dtype.itemsize
         if end - b != need or b < 0:
             raise CheckpointError(

@@ -64,15 +64,24 @@ def _check(rec, where: str) -> Example:
     return Example(messages=msgs, where=where)
 
 
-def iter_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line`, parsed object) for each non-blank line; malformed JSON is a DataError naming file:line.
+def iter_jsonl(lines: Iterable[bytes | str], name: str) -> Iterator[tuple[str, Any]]:
+    """Yield (`file:line`, parsed object) for each non-blank line; malformed JSON or text that is not UTF-8 is a
+    DataError naming file:line (1-based).
 
-    Shared by training data and eval sets so both report bad lines the same way.
+    Shared by training data and eval sets so both report bad lines the same way. Give it raw lines (a file opened
+    in binary mode, `bytes.splitlines()`): each is decoded here, so a bad byte is reported at its line and column,
+    not at an offset into a decoding buffer.
     """
     for lineno, line in enumerate(lines, 1):
+        where = f"{name}:{lineno}"
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = f"byte 0x{line[e.start]:02x} at byte {e.start + 1} of the line"
+                raise DataError(f"{where}: not UTF-8 text: {bad} ({e.reason})") from e
         if not line.strip():
             continue
-        where = f"{name}:{lineno}"
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
@@ -80,7 +89,7 @@ def iter_jsonl(lines: Iterable[str], name: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(f: epath.Path) -> list[Example]:
-    with f.open("r") as fh:
+    with f.open("rb") as fh:  # binary: lines are decoded one by one (errors name the line)
         return [_check(rec, where) for where, rec in iter_jsonl(fh, str(f))]
 
 

@@ -103,14 +103,17 @@ def parse_item(obj: Any, where: str) -> EvalItem:
 def load_eval_file(path: str | epath.Path) -> list[EvalItem]:
     p = epath.Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except FileNotFoundError as e:
         raise DataError(f"{p}: eval file not found") from e
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise DataError(f"{p}: cannot read eval file: {e}") from e
     from ptm.data.sources import iter_jsonl
 
-    return [parse_item(obj, where) for where, obj in iter_jsonl(text.splitlines(), str(p))]
+    # Raw lines, decoded per line by iter_jsonl (a bad byte is reported with its line). bytes.splitlines splits at
+    # \n, \r and \r\n only; str.splitlines also splits at U+2028/U+2029, which json.dumps(ensure_ascii=False)
+    # leaves raw inside strings (write_eval_file writes that way).
+    return [parse_item(obj, where) for where, obj in iter_jsonl(raw.splitlines(), str(p))]
 
 
 def _walk_jsonl(d: epath.Path) -> list[epath.Path]:

@@ -7,10 +7,17 @@ import argparse
 from ptm.errors import ConfigError
 
 
-def _weight(s: str):
+def _weight(s: str, flag: str = "--omega"):
+    """A --omega value: a number, a comma list of numbers, or 'heuristic' (ConfigError naming the flag)."""
     if s == "heuristic":
         return s
-    vals = [float(v) for v in s.split(",")]
+    vals = []
+    for v in s.split(","):
+        try:
+            vals.append(float(v))
+        except ValueError:
+            want = "a comma list of numbers" + (", a number or 'heuristic'" if flag == "--omega" else "")
+            raise ConfigError(f"{flag} {s!r}: {v.strip()!r} is not a number (expected {want})") from None
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -66,7 +73,8 @@ def recipes_from_args(args: argparse.Namespace):
         if args.omega is not None:
             d["omega"] = _weight(args.omega)
         if args.sweep:
-            d["sweep"] = [_weight(v) for v in args.sweep.split(",")]
+            d["sweep"] = _weight(args.sweep, "--sweep")
+            d["sweep"] = d["sweep"] if isinstance(d["sweep"], list) else [d["sweep"]]
         if args.out:
             d["out"] = args.out
         rs = R.from_dict(d, where="command line")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -110,6 +111,8 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
         if "pattern" not in o or not ({"omega", "weights"} & set(o)):
             raise ConfigError(f"{where}: overrides[{i}] needs `pattern` and `omega` (or `weights`)")
         overrides.append({"pattern": o["pattern"], "weights": o.get("omega", o.get("weights"))})
+        check_weights(overrides[-1]["weights"], f"{where}: overrides[{i}] (pattern {o['pattern']!r})")
+    check_weights(d.get("omega", d.get("weights", 1.0)), f"{where}: {'weights' if 'weights' in d else 'omega'}")
     base = Recipe(
         method=str(d["method"]),
         inputs=_norm_inputs(d["inputs"], where),
@@ -142,6 +145,8 @@ def expand_sweep(
         raise ConfigError(f"{where}: sweep has {len(values)} values but outs has {len(outs)} paths")
     if outs is None and base.out is not None and "{omega}" not in base.out and "{i}" not in base.out:
         raise ConfigError(f"{where}: a sweep's `out` must contain {{omega}} or {{i}} (or give `outs`)")
+    for i, v in enumerate(values):
+        check_weights(v, f"{where}: sweep[{i}]")
     rs = []
     for i, v in enumerate(values):
         out = outs[i] if outs is not None else (base.out.format(omega=v, i=i) if base.out else None)
@@ -186,8 +191,46 @@ def input_metas(recipe: Recipe) -> dict[str, dict[str, Any] | None]:
     return out
 
 
+def _nonfinite(v: Any) -> str | None:
+    """Why the number `v` is not a usable weight (NaN/Inf, or Inf once cast to float32), else None."""
+    if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
+        return None  # not a number: schedule_values says what a weight may be
+    try:
+        if not math.isfinite(float(v)):
+            return "is not finite"
+    except OverflowError:  # a Python int beyond float64
+        return "overflows float32, the merge's compute type"
+    with np.errstate(over="ignore"):
+        if not np.isfinite(np.float32(v)):
+            return f"overflows float32, the merge's compute type (largest {float(np.finfo(np.float32).max):.4g})"
+    return None
+
+
+def check_weights(spec: Any, where: str) -> None:
+    """Refuse NaN/Inf weights (and weights that are Inf in float32, such as 1e40) anywhere in a weight spec:
+    a number, a list of them, or a layer schedule. Such a weight turns the whole output into NaN/Inf."""
+    items: list[tuple[str, Any]] = []
+    if isinstance(spec, list | tuple):
+        for k, s in enumerate(spec):
+            if isinstance(s, dict):
+                items += [(f"[{k}].{key}", s.get(key)) for key in ("layers", "anchors", "default") if key in s]
+            else:
+                items.append((f"[{k}]", s))
+    elif isinstance(spec, dict):
+        items += [(f".{key}", spec.get(key)) for key in ("layers", "anchors", "default") if key in spec]
+    else:
+        items.append(("", spec))
+    for path, v in items:
+        for idx, x in enumerate(v) if isinstance(v, list | tuple) else [(None, v)]:
+            why = _nonfinite(x)
+            if why:
+                at = f"{path}[{idx}]" if idx is not None else path
+                raise MergeError(f"{where}: weight{' ' + at if at else ''} = {x!r} {why}; weights must be finite")
+
+
 def schedule_values(spec: Any, n_layers: int, where: str) -> tuple[np.ndarray, float]:
     """A weight spec as (per-layer float64 values, value for non-layer tensors)."""
+    check_weights(spec, where)
     if isinstance(spec, int | float) and not isinstance(spec, bool):
         return np.full(n_layers, float(spec)), float(spec)
     if isinstance(spec, dict):
@@ -236,10 +279,10 @@ def resolve_weights(
 ) -> WeightPlan:
     """The weights that apply to tensor `name`: the first matching override, else the recipe's weights."""
     spec = recipe.weights
-    where = f"recipe {recipe.name or recipe.method}"
+    where = f"recipe {recipe.name or recipe.method}" + (f" (out {recipe.out})" if recipe.out else "")
     for o in recipe.overrides:
         if match(o["pattern"], name):
-            spec, where = o["weights"], f"override {o['pattern']!r}"
+            spec, where = o["weights"], f"{where}: override {o['pattern']!r}"
             break
     n = method.n_weights(recipe.inputs)
     if spec == "heuristic":

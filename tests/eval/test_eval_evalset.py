@@ -98,3 +98,25 @@ def test_gcs_suite(gcs_bucket, tmp_path):
     write_eval_file(f"{gcs_bucket}/evals/x.jsonl", [GOOD, GOOD])
     items = load_suite(f"{gcs_bucket}/evals")
     assert len(items) == 2 and items[1].where == f"{gcs_bucket}/evals/x.jsonl:2"
+
+
+def test_non_utf8_byte_on_a_late_line_names_file_and_line(tmp_path):
+    """Issue 12, item 12: the line of the bad byte (1-based), not its offset in the whole file."""
+    lines = [json.dumps({**GOOD, "id": i}).encode() for i in range(5000)]
+    lines[4000] = lines[4000].replace(b"2+2?", b"2+2\xff?")
+    f = tmp_path / "big.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"^{f}:4001: not UTF-8 text: byte 0xff at byte "):
+        load_eval_file(f)
+    with pytest.raises(DataError, match=rf"{f}:4001: not UTF-8"):
+        load_suite(tmp_path)
+
+
+def test_line_separator_inside_a_string_round_trips(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028/U+2029 raw inside strings; they are not line breaks."""
+    f = tmp_path / "ls.jsonl"
+    items = [{**GOOD, "reference": "4\u2028four"}, {**GOOD, "messages": [{"role": "user", "content": "a\u2029b"}]}]
+    assert write_eval_file(f, items) == 2
+    again = load_eval_file(f)
+    assert again[0].reference == "4\u2028four" and again[1].messages[0]["content"] == "a\u2029b"
+    assert len(again) == 2 and again[1].where == f"{f}:2"
