@@ -88,3 +88,15 @@ def test_print_config_in_a_subprocess():
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ModelConfig.embed_dim = 128" in out.stdout
+
+
+def test_no_config_hint_names_gin_files_that_exist(capsys):
+    """The hint printed without any gin file names files that are really on the search path."""
+    import re
+
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    hinted = re.findall(r"--gin_file=(\S+?\.gin)", err)
+    assert hinted, err
+    for f in hinted:
+        assert any((p / f).is_file() for p in config.search_path()), f"hint names a missing gin file {f}"
