@@ -41,6 +41,8 @@ TOP_KEYS = {
     "normalize",
     "allow_nonfinite",
     "name",
+    "options",
+    "convention",
 }
 
 
@@ -59,6 +61,10 @@ class Recipe:
     normalize: bool | None = None
     allow_nonfinite: bool = False
     name: str = ""
+    method_options: dict[str, Any] = field(default_factory=dict)  # any other method option ([options] table)
+    convention: str | None = None  # "ptm" (default) | "mergekit": mergekit's conventions where they differ
+    extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (HF outputs)
+    hf_config: dict[str, Any] | None = None  # config.json of a safetensors output (loadable HF model)
 
     def input_paths(self) -> list[str]:
         """All input paths in a fixed role order (what the engine opens and reads)."""
@@ -70,8 +76,21 @@ class Recipe:
             out.extend(v if isinstance(v, list) else [v])
         return out
 
-    def options(self) -> dict[str, Any]:
-        return {"density": self.density, "drop_rate": self.drop_rate, "normalize": self.normalize}
+    def options(self, method: methods.Method | None = None) -> dict[str, Any]:
+        """Method options as given; with `method`, also the convention's defaults: convention "mergekit" sets
+        `convention = "mergekit"` where the method has that option and `normalize = true` unless given (mergekit's
+        default, ptm's is false for linear)."""
+        out = {"density": self.density, "drop_rate": self.drop_rate, "normalize": self.normalize,
+               **self.method_options}
+        conv = self.convention or "ptm"
+        if conv not in methods.CONVENTIONS:
+            raise ConfigError(f"convention must be one of {methods.CONVENTIONS}, got {conv!r}")
+        if method is not None and conv == "mergekit":
+            if "convention" in method.options and out.get("convention") is None:
+                out["convention"] = "mergekit"
+            if "normalize" in method.options and out.get("normalize") is None:
+                out["normalize"] = True
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -127,6 +146,8 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
         normalize=d.get("normalize"),
         allow_nonfinite=bool(d.get("allow_nonfinite", False)),
         name=str(d.get("name", "")),
+        method_options=dict(d.get("options") or {}),
+        convention=d.get("convention"),
     )
     if "sweep" not in d:
         if "outs" in d:
