@@ -33,6 +33,7 @@ from ptm.ckpt import stores as S
 from ptm.ckpt import writers as W
 from ptm.ckpt.dtypes import parse_dtype
 from ptm.errors import MergeError
+from ptm.merge import hf_output
 from ptm.merge import methods as M
 from ptm.merge import recipe as R
 
@@ -513,7 +514,8 @@ def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, me
                     "safetensors outputs are written by one process; use an Orbax output for a "
                     "multi-process merge and convert it afterwards"
                 )
-            j.writer = W.SafetensorsWriter(j.recipe.out, infos, overwrite, inputs=inputs)
+            j.writer = W.SafetensorsWriter(j.recipe.out, infos, overwrite, inputs=inputs,
+                                           max_shard_bytes=j.recipe.shard_bytes or hf_output.DEFAULT_SHARD_BYTES)
         else:
             raise MergeError(f"unknown output_format {fmt!r} (orbax or safetensors)")
 
@@ -608,7 +610,12 @@ def merge(
         model = next((s.meta.get("model") for s in pl.stores if s.meta and s.meta.get("model")), None)
         for j in pl.jobs:
             meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j), tokenizer=tokenizer)
-            j.writer.commit(meta, leader)
+            if isinstance(j.writer, W.SafetensorsWriter):
+                dts = {d for d in j.out_dtypes.values()}
+                j.writer.commit(meta, leader, extra_files=hf_output.extra_files(j.recipe, dts.pop() if len(dts) == 1
+                                                                                else None))
+            else:
+                j.writer.commit(meta, leader)
         _barrier("ptm-merge-committed")
     except BaseException:
         for j in pl.jobs:

@@ -59,6 +59,7 @@ class Method:
     # "matrix": fn needs a whole unit at once (SVD methods, per-row ranks): the engine hands it the unit's full
     # arrays (a layer slice without the layer axis, or the whole tensor) and takes the piece's part of the result.
     kind: str = "element"
+    mergekit_defaults: dict[str, Any] = field(default_factory=dict)  # options whose mergekit default differs
 
     def n_weights(self, inputs: dict[str, Any]) -> int:
         if self.weighted == "omega":
@@ -789,11 +790,11 @@ for _name, _cons in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
                     unit_stats=breadcrumbs_stats, doc="drop largest gamma and smallest |tau|" +
                     (", sign election" if _cons else "")))
 register(Method("dare_ties", dare_ties, _GTA, (), "skills",
-                {"drop_rate": 0.1, "normalize": True, "lambda_": 1.0, "convention": "ptm"},
+                {"drop_rate": 0.1, "normalize": False, "lambda_": 1.0, "convention": "ptm"},
                 unit_stats=dare_stats, doc="DARE drop/rescale + TIES sign election"))
-for _name, _cons in (("della", True), ("della_linear", False)):
+for _name, _cons in (("della", True), ("della_linear", False)):  # normalize defaults as in mergekit 0.1.5
     register(Method(_name, _della(_cons), _GTA, (), "skills",
-                    {"density": 0.7, "epsilon": 0.1, "lambda_": 1.0, "normalize": True, "rescale": True},
+                    {"density": 0.7, "epsilon": 0.1, "lambda_": 1.0, "normalize": _cons, "rescale": True},
                     kind="matrix", doc="magnitude-ranked keep probabilities per row" +
                     (", sign election" if _cons else "")))
 register(Method("sce", sce, _GTA, (), "none", {"select_topk": 1.0, "lambda_": 1.0}, unit_stats=sce_stats,
@@ -834,7 +835,8 @@ register(
     )
 )
 register(
-    Method("linear", linear, ("models",), (), "models", {"normalize": False}, doc="sum_i alpha_i theta_i")
+    Method("linear", linear, ("models",), (), "models", {"normalize": False}, doc="sum_i alpha_i theta_i",
+           mergekit_defaults={"normalize": True})
 )
 register(
     Method(

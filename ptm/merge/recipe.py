@@ -43,6 +43,9 @@ TOP_KEYS = {
     "name",
     "options",
     "convention",
+    "hf_source",
+    "chat_template",
+    "shard_bytes",
 }
 
 
@@ -63,8 +66,9 @@ class Recipe:
     name: str = ""
     method_options: dict[str, Any] = field(default_factory=dict)  # any other method option ([options] table)
     convention: str | None = None  # "ptm" (default) | "mergekit": mergekit's conventions where they differ
-    extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (HF outputs)
-    hf_config: dict[str, Any] | None = None  # config.json of a safetensors output (loadable HF model)
+    hf_source: str | None = None  # safetensors output: copy config.json + tokenizer files from this model dir
+    chat_template: str | None = None  # safetensors output: a Jinja chat template written as chat_template.jinja
+    shard_bytes: int | None = None  # safetensors output: HF shards of at most this many bytes (+ index)
 
     def input_paths(self) -> list[str]:
         """All input paths in a fixed role order (what the engine opens and reads)."""
@@ -78,8 +82,8 @@ class Recipe:
 
     def options(self, method: methods.Method | None = None) -> dict[str, Any]:
         """Method options as given; with `method`, also the convention's defaults: convention "mergekit" sets
-        `convention = "mergekit"` where the method has that option and `normalize = true` unless given (mergekit's
-        default, ptm's is false for linear)."""
+        `convention = "mergekit"` where the method has that option and the method's `mergekit_defaults` unless given
+        (linear: normalize = true, ptm's default is false)."""
         out = {"density": self.density, "drop_rate": self.drop_rate, "normalize": self.normalize,
                **self.method_options}
         conv = self.convention or "ptm"
@@ -88,8 +92,9 @@ class Recipe:
         if method is not None and conv == "mergekit":
             if "convention" in method.options and out.get("convention") is None:
                 out["convention"] = "mergekit"
-            if "normalize" in method.options and out.get("normalize") is None:
-                out["normalize"] = True
+            for k, v in method.mergekit_defaults.items():
+                if out.get(k) is None:
+                    out[k] = v
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +153,9 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
         name=str(d.get("name", "")),
         method_options=dict(d.get("options") or {}),
         convention=d.get("convention"),
+        hf_source=d.get("hf_source"),
+        chat_template=d.get("chat_template"),
+        shard_bytes=d.get("shard_bytes"),
     )
     if "sweep" not in d:
         if "outs" in d:
