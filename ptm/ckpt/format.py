@@ -26,6 +26,10 @@ PARAMS_ITEM = "params"
 META_ITEM = "ptm"
 META_FILE = "metadata"
 COMMIT_FILE = "commit_success.txt"  # Orbax's completion marker for steps written in place (gs://)
+# Where ptm.ckpt.placement builds and parks outputs (siblings of the output path; see docs/checkpoint-format.md).
+TMP_SUFFIX = ".ptm-merge-tmp"
+OLD_SUFFIX = ".ptm-merge-old"
+STAGED_MARKER = ".ptm-staged"
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def resolve(path: str | epath.Path) -> ModelCheckpoint:
     if is_gcs(p):
         _invalidate_gcs_listings()
     if not p.exists():
-        old = str(p) + ".ptm-merge-old"
+        old = str(p) + OLD_SUFFIX
         if not is_gcs(p) and os.path.isdir(old):
             raise CheckpointError(f"{p}: missing, but {old} holds the previous output of an interrupted "
                                   f"replacement; the next `ptm merge --out {p}` restores it (or: mv {old} {p})")
@@ -169,6 +173,10 @@ def resolve(path: str | epath.Path) -> ModelCheckpoint:
     if _is_orbax_pytree(p):
         return ModelCheckpoint(root=p, params_path=p, meta=None)
     if (p / PARAMS_ITEM).exists() or (p / META_ITEM).exists():
+        stage = p.parent / f".{p.name}{TMP_SUFFIX}"
+        if (stage / STAGED_MARKER).exists():
+            raise CheckpointError(f"{p}: incomplete: a replacement was interrupted; the complete new output is in "
+                                  f"{stage}, and the next `ptm merge --out {p} --overwrite` finishes the switch")
         raise CheckpointError(f"{p}: incomplete checkpoint (no {PARAMS_ITEM}/_METADATA: being written, or its "
                               "writer was killed)")
     raise CheckpointError(

@@ -22,12 +22,10 @@ import os
 import shutil
 from collections.abc import Sequence
 
+from ptm.ckpt.format import OLD_SUFFIX, STAGED_MARKER, TMP_SUFFIX
 from ptm.ckpt.stores import gcs_fs, is_gcs
 from ptm.errors import OutputError
 
-TMP_SUFFIX = ".ptm-merge-tmp"
-OLD_SUFFIX = ".ptm-merge-old"
-STAGED_MARKER = ".ptm-staged"
 # Files whose presence makes an output look complete to readers: copied last on gs://.
 COMPLETION_FILES = ("params/_METADATA", "model.safetensors.index.json", "model.safetensors")
 

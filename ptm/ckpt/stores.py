@@ -23,6 +23,7 @@ from etils import epath
 
 from ptm.ckpt import format as ckpt_format
 from ptm.ckpt.dtypes import SAFETENSORS
+from ptm.ckpt.format import is_gcs
 from ptm.errors import CheckpointError
 
 Index = tuple[slice, ...]
@@ -40,10 +41,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-def is_gcs(path: str | os.PathLike) -> bool:
-    return str(path).startswith("gs://")
 
 
 def gcs_fs():

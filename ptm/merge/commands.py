@@ -23,7 +23,7 @@ def _weight(s: str, flag: str = "--omega"):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge checkpoints (TOML recipe or flags)")
-    p.add_argument("recipe", nargs="?", help="a TOML recipe (configs/merges/*.toml)")
+    p.add_argument("recipe", nargs="?", help="a TOML recipe (configs/merges/*.toml) or a mergekit YAML config")
     p.add_argument(
         "--method", help="merge method (task_arithmetic, linear_interpolation, wise_ft, linear, ties, dare)"
     )
@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dtype")
     p.add_argument("--output-format", choices=["orbax", "safetensors"])
     p.add_argument("--allow-nonfinite", action="store_true")
+    p.add_argument("--mergekit-compat", action="store_true",
+                   help="mergekit's conventions (exact-k TIES, '+' on a zero vote, L1 DARE rescale, normalize=true)")
     p.add_argument("--out", help="output path (overrides the recipe's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -59,7 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def recipes_from_args(args: argparse.Namespace):
     from ptm.merge import recipe as R
 
-    if args.recipe:
+    if args.recipe and args.recipe.endswith((".yml", ".yaml")):
+        from ptm.merge import mergekit_yaml
+
+        rs = mergekit_yaml.load(args.recipe, out=args.out)
+    elif args.recipe:
         rs = R.load(args.recipe)
     else:
         if not args.method:
@@ -85,6 +91,8 @@ def recipes_from_args(args: argparse.Namespace):
                 setattr(r, k, v)
         if args.allow_nonfinite:
             r.allow_nonfinite = True
+        if args.mergekit_compat:
+            r.convention = "mergekit"
     if args.recipe and args.out:
         if len(rs) > 1:
             raise ConfigError("--out with a sweep recipe: put {omega} in the recipe's out instead")

@@ -33,6 +33,7 @@ from ptm.ckpt import stores as S
 from ptm.ckpt import writers as W
 from ptm.ckpt.dtypes import parse_dtype
 from ptm.errors import MergeError
+from ptm.merge import hf_output
 from ptm.merge import methods as M
 from ptm.merge import recipe as R
 
@@ -127,7 +128,7 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
         problem = method.check_inputs(r.inputs) if method.check_inputs else None
         if problem:
             raise MergeError(f"method {method.name!r}: {problem}")
-        opts = M.check_options(method, r.options())
+        opts = M.check_options(method, r.options(method))
         jobs.append(_Job(r, method, opts, {}, None))
     cache = store_cache if store_cache is not None else {}
     uniq = list(dict.fromkeys(paths))
@@ -213,6 +214,27 @@ def pieces(region: tuple[slice, ...], chunk: tuple[int, ...]) -> Iterator[tuple[
 # ------------------------------------------------------------------------------------------------ combining
 
 
+def _units(name: str, shape: tuple[int, ...]) -> list[tuple[int | None, tuple[slice, ...]]]:
+    """A tensor's units (what per-unit statistics and matrix methods see): each layer slice of a stacked
+    `layers.*` tensor, else the whole tensor (an HF tensor is one layer's matrix already)."""
+    full = _norm_index((), shape)
+    if tree.is_stacked_layer(name) and shape:
+        return [(i, (slice(i, i + 1), *full[1:])) for i in range(shape[0])]
+    return [(None, full)]
+
+
+def _flat_index(region: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """Global C-order flat indices (uint64) of the elements of `region`, shaped like it."""
+    if not shape:
+        return np.zeros((), np.uint64)
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    out = np.zeros(tuple(s.stop - s.start for s in region), np.uint64)
+    for ax, (s, st) in enumerate(zip(region, strides, strict=True)):
+        r = np.arange(s.start, s.stop, dtype=np.uint64) * np.uint64(st)
+        out += r.reshape([-1 if a == ax else 1 for a in range(len(shape))])
+    return out
+
+
 class _Combiner:
     """Combines the pieces of one tensor for every job (recipe) of a plan."""
 
@@ -220,6 +242,8 @@ class _Combiner:
         self.plan = plan
         self.check_finite = not all(j.recipe.allow_nonfinite for j in plan.jobs)
         self.stats: dict[tuple[int, str], dict[str, Any]] = {}
+        self.unit_stats: dict[tuple[int, str, int | None], dict[str, Any]] = {}
+        self._units: dict[tuple[int, str, int | None], np.ndarray] = {}  # matrix methods' results, current tensor
         self._bufs = [np.empty(BLOCK, np.float32) for _ in plan.stores]
         self._shared = M.SharedBlock(BLOCK)  # work that the jobs of one pass share (methods' fast paths)
 
@@ -244,6 +268,52 @@ class _Combiner:
                 return gen
 
             self.stats[(ji, name)] = j.method.stats(taus, len(skills), math.prod(info.shape), **j.opts)
+        self._units.clear()
+        self.unit_stats = {k: v for k, v in self.unit_stats.items() if k[1] == name}
+        for ji, j in enumerate(self.plan.jobs):
+            if j.method.unit_stats is None:
+                continue
+            for layer, region in _units(name, info.shape):
+                self.unit_stats[(ji, name, layer)] = j.method.unit_stats(
+                    self._unit_stream(j, name, region), math.prod(s.stop - s.start for s in region),
+                    seed=j.recipe.seed, name=name, **j.opts)
+
+    def _unit_stream(self, j: _Job, name: str, region: tuple[slice, ...]) -> Callable[[], Iterator[Any]]:
+        """A restartable stream of (x, flat_index) over the pieces of one unit, x as the method's fn gets it."""
+        shape = self.plan.infos[name].shape
+        chunk = W.chunk_shape(tuple(s.stop - s.start for s in region), 4, PIECE_BYTES)
+        used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
+
+        def gen() -> Iterator[Any]:
+            for p in pieces(region, chunk):
+                arr = {i: self.plan.stores[i].read(name, p).astype(np.float32) for i in used}
+                x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
+                yield x, (lambda p=p: _flat_index(p, shape))
+
+        return gen
+
+    def _unit_result(self, ji: int, name: str, layer: int | None, region: tuple[slice, ...], ws: list[float]
+                     ) -> np.ndarray:
+        """A matrix method's result for one whole unit (float32, the unit's shape; no layer axis when stacked)."""
+        key = (ji, name, layer)
+        if key not in self._units:
+            j = self.plan.jobs[ji]
+            info = self.plan.infos[name]
+            stacked = tree.is_stacked_layer(name) and len(info.shape) > 0
+            ushape = info.shape[1:] if stacked else info.shape
+            used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
+            arr = {i: self.plan.stores[i].read(name, region).astype(np.float32).reshape(ushape) for i in used}
+            x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
+            ctx = M.Context(name=name, seed=j.recipe.seed, stats=self.stats.get((ji, name), {}),
+                            flat_index=lambda: _flat_index(region, info.shape).reshape(ushape),
+                            unit=self.unit_stats.get(key, {}), layer=layer, n_layers=self.plan.n_layers)
+            res = np.asarray(j.method.fn(x, ws, ctx, **j.opts), dtype=np.float32)
+            if res.shape != ushape:
+                raise MergeError(f"method {j.method.name!r} returned shape {res.shape} for {name!r}, want {ushape}")
+            while len(self._units) >= 2:  # a piece spans at most a few units; keep memory to ~2 units per job
+                self._units.pop(next(iter(self._units)))
+            self._units[key] = res
+        return self._units[key]
 
     def combine(self, name: str, index: tuple[slice, ...], arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Merged piece `index` of tensor `name` for every job, in each job's output dtype."""
@@ -275,6 +345,17 @@ class _Combiner:
                 )
             src = [np.ascontiguousarray(a[g0:g1] if pshape else a).reshape(-1) for a in arrays]
             dst = [o[g0:g1].reshape(-1) if pshape else o.reshape(-1) for o in outs]
+            unit_layer = layer if stacked else None
+            for ji, j in enumerate(self.plan.jobs):
+                if j.method.kind != "matrix":
+                    continue
+                if stacked:
+                    region = (slice(layer, layer + 1), *_norm_index((), info.shape)[1:])
+                    part = tuple(index[1:])
+                else:
+                    region, part = _norm_index((), info.shape), tuple(index)
+                res = self._unit_result(ji, name, unit_layer, region, ws[ji])
+                dst[ji][...] = (res[part] if part else res).reshape(-1)
             gshape = (g1 - g0, *pshape[1:]) if pshape else ()
             offset = (index[0].start + g0, *(s.start for s in index[1:])) if pshape else ()
             n = src[0].size if src else 0
@@ -303,6 +384,8 @@ class _Combiner:
 
                 self._shared.start(m)
                 for ji, j in enumerate(self.plan.jobs):
+                    if j.method.kind == "matrix":
+                        continue
                     if j.method.shared_fn is not None:
                         dst[ji][j0:j1] = j.method.shared_fn(j.roles, ws[ji], bufs, self._shared, **j.opts)
                         continue
@@ -315,6 +398,9 @@ class _Combiner:
                         seed=j.recipe.seed,
                         stats=self.stats.get((ji, name), {}),
                         flat_index=flat_index,
+                        unit=self.unit_stats.get((ji, name, unit_layer), {}),
+                        layer=layer,
+                        n_layers=self.plan.n_layers,
                     )
                     dst[ji][j0:j1] = j.method.fn(x, ws[ji], ctx, **j.opts)
                 for ji, f in enumerate(fin):
@@ -428,7 +514,8 @@ def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, me
                     "safetensors outputs are written by one process; use an Orbax output for a "
                     "multi-process merge and convert it afterwards"
                 )
-            j.writer = W.SafetensorsWriter(j.recipe.out, infos, overwrite, inputs=inputs)
+            j.writer = W.SafetensorsWriter(j.recipe.out, infos, overwrite, inputs=inputs,
+                                           max_shard_bytes=j.recipe.shard_bytes or hf_output.DEFAULT_SHARD_BYTES)
         else:
             raise MergeError(f"unknown output_format {fmt!r} (orbax or safetensors)")
 
@@ -523,7 +610,12 @@ def merge(
         model = next((s.meta.get("model") for s in pl.stores if s.meta and s.meta.get("model")), None)
         for j in pl.jobs:
             meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j), tokenizer=tokenizer)
-            j.writer.commit(meta, leader)
+            if isinstance(j.writer, W.SafetensorsWriter):
+                dts = {d for d in j.out_dtypes.values()}
+                j.writer.commit(meta, leader, extra_files=hf_output.extra_files(j.recipe, dts.pop() if len(dts) == 1
+                                                                                else None))
+            else:
+                j.writer.commit(meta, leader)
         _barrier("ptm-merge-committed")
     except BaseException:
         for j in pl.jobs:

@@ -41,6 +41,11 @@ TOP_KEYS = {
     "normalize",
     "allow_nonfinite",
     "name",
+    "options",
+    "convention",
+    "hf_source",
+    "chat_template",
+    "shard_bytes",
 }
 
 
@@ -59,6 +64,11 @@ class Recipe:
     normalize: bool | None = None
     allow_nonfinite: bool = False
     name: str = ""
+    method_options: dict[str, Any] = field(default_factory=dict)  # any other method option ([options] table)
+    convention: str | None = None  # "ptm" (default) | "mergekit": mergekit's conventions where they differ
+    hf_source: str | None = None  # safetensors output: copy config.json + tokenizer files from this model dir
+    chat_template: str | None = None  # safetensors output: a Jinja chat template written as chat_template.jinja
+    shard_bytes: int | None = None  # safetensors output: HF shards of at most this many bytes (+ index)
 
     def input_paths(self) -> list[str]:
         """All input paths in a fixed role order (what the engine opens and reads)."""
@@ -70,8 +80,22 @@ class Recipe:
             out.extend(v if isinstance(v, list) else [v])
         return out
 
-    def options(self) -> dict[str, Any]:
-        return {"density": self.density, "drop_rate": self.drop_rate, "normalize": self.normalize}
+    def options(self, method: methods.Method | None = None) -> dict[str, Any]:
+        """Method options as given; with `method`, also the convention's defaults: convention "mergekit" sets
+        `convention = "mergekit"` where the method has that option and the method's `mergekit_defaults` unless given
+        (linear: normalize = true, ptm's default is false)."""
+        out = {"density": self.density, "drop_rate": self.drop_rate, "normalize": self.normalize,
+               **self.method_options}
+        conv = self.convention or "ptm"
+        if conv not in methods.CONVENTIONS:
+            raise ConfigError(f"convention must be one of {methods.CONVENTIONS}, got {conv!r}")
+        if method is not None and conv == "mergekit":
+            if "convention" in method.options and out.get("convention") is None:
+                out["convention"] = "mergekit"
+            for k, v in method.mergekit_defaults.items():
+                if out.get(k) is None:
+                    out[k] = v
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -127,6 +151,11 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
         normalize=d.get("normalize"),
         allow_nonfinite=bool(d.get("allow_nonfinite", False)),
         name=str(d.get("name", "")),
+        method_options=dict(d.get("options") or {}),
+        convention=d.get("convention"),
+        hf_source=d.get("hf_source"),
+        chat_template=d.get("chat_template"),
+        shard_bytes=d.get("shard_bytes"),
     )
     if "sweep" not in d:
         if "outs" in d:

@@ -1,0 +1,245 @@
+"""Run mergekit YAML configs as they are: translate a mergekit config into ptm Recipes (convention "mergekit").
+
+Supported: `merge_method`, `base_model`, `models` (each `model` with `parameters`: weight, density, epsilon, gamma;
+a number, a layer gradient `[a, ..., b]` — non-layer tensors take the first anchor, as in mergekit —, or a list
+of `{filter: substring, value: ...}` conditions with an unfiltered default), top-level `parameters` (t, lambda,
+normalize, rescale, select_topk, nuslerp_flatten, normalize_weights, eps, max_iter, tol, int8_mask), `dtype`,
+`out_dtype`, `tokenizer_source` / `tokenizer: {source: base | <model>}`, `chat_template` (a Jinja string).
+Anything else (slices, union tokenizers, named chat templates, unknown parameters) is a ConfigError naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ptm.errors import ConfigError
+from ptm.merge.recipe import Recipe
+
+# mergekit method -> (ptm method, input layout)
+METHODS = {
+    "linear": ("linear", "models"),
+    "task_arithmetic": ("task_arithmetic", "tv"),
+    "ties": ("ties", "tv"),
+    "dare_linear": ("dare", "tv"),
+    "dare_ties": ("dare_ties", "tv"),
+    "breadcrumbs": ("breadcrumbs", "tv"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", "tv"),
+    "della": ("della", "tv"),
+    "della_linear": ("della_linear", "tv"),
+    "sce": ("sce", "tv"),
+    "model_stock": ("model_stock", "tv"),
+    "slerp": ("slerp", "pair"),
+    "nearswap": ("nearswap", "pair"),
+    "nuslerp": ("nuslerp", "models+base"),
+    "multislerp": ("multislerp", "models+base"),
+    "karcher": ("karcher", "models"),
+    "passthrough": ("passthrough", "models"),
+}
+TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+       "chat_template", "name"}
+GLOBAL = {"t": None, "lambda": "lambda_", "normalize": "normalize", "rescale": "rescale", "select_topk": "select_topk",
+          "nuslerp_flatten": "flatten", "normalize_weights": "normalize_weights", "eps": "eps",
+          "max_iter": "max_iter", "tol": "tol", "int8_mask": None}
+PER_MODEL = {"weight", "density", "epsilon", "gamma", "scale"}
+
+
+def _model(m: Any, where: str) -> str:
+    if isinstance(m, str):
+        return m
+    if isinstance(m, dict) and "model" in m:
+        return _model(m["model"], where)
+    raise ConfigError(f"{where}: a model is a path (got {m!r})")
+
+
+def _value(v: Any, where: str) -> Any:
+    """A mergekit parameter value as a ptm weight spec: number, gradient -> {anchors, default = first}."""
+    if isinstance(v, bool):  # normalize, rescale, nuslerp_flatten, ...
+        return v
+    if isinstance(v, int | float):
+        return float(v)
+    if isinstance(v, list) and v and all(isinstance(a, int | float) and not isinstance(a, bool) for a in v):
+        return {"anchors": [float(a) for a in v], "default": float(v[0])}
+    raise ConfigError(f"{where}: expected a number or a gradient list of numbers, got {v!r}")
+
+
+def _conditions(v: Any, where: str) -> list[tuple[str | None, Any]]:
+    """[(filter or None, spec)]: mergekit's conditional parameter list, first match wins, None = default."""
+    if isinstance(v, list) and v and all(isinstance(c, dict) for c in v):
+        out = []
+        for i, c in enumerate(v):
+            bad = set(c) - {"filter", "value"}
+            if bad or "value" not in c:
+                raise ConfigError(f"{where}[{i}]: a condition is {{filter: ..., value: ...}} (got keys {sorted(c)})")
+            out.append((c.get("filter"), _value(c["value"], f"{where}[{i}].value")))
+        return out
+    return [(None, _value(v, where))]
+
+
+def _pick(conds: list[tuple[str | None, Any]], name: str, default: Any) -> Any:
+    for f, spec in conds:
+        if f is None or f in name:
+            return spec
+    return default
+
+
+def _scalar(spec: Any, where: str) -> float:
+    if isinstance(spec, dict):
+        raise ConfigError(f"{where}: a layer gradient is not supported for this parameter in ptm")
+    return spec
+
+
+def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[str] | None = None,
+              where: str = "mergekit config") -> list[Recipe]:
+    """The ptm Recipe of a mergekit config. `tensor_names` (of the inputs) are needed only when `filter`
+    conditions are used: ptm resolves them into per-tensor overrides (exact names)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: not a mapping")
+    for k in cfg:
+        if k == "slices":
+            raise ConfigError(f"{where}: `slices` (frankenmerges / layer_range) is not supported by ptm yet")
+        if k not in TOP:
+            raise ConfigError(f"{where}: unsupported key {k!r} (supported: {sorted(TOP)})")
+    mm = cfg.get("merge_method")
+    if mm not in METHODS:
+        raise ConfigError(f"{where}: merge_method {mm!r} is not supported (supported: {sorted(METHODS)})")
+    method, layout = METHODS[mm]
+    base = _model(cfg["base_model"], f"{where}: base_model") if cfg.get("base_model") else None
+    entries = cfg.get("models") or []
+    models, params = [], []
+    for i, e in enumerate(entries):
+        p = _model(e, f"{where}: models[{i}]")
+        ps = (e.get("parameters") or {}) if isinstance(e, dict) else {}
+        bad = set(e) - {"model", "parameters"} if isinstance(e, dict) else set()
+        if bad:
+            raise ConfigError(f"{where}: models[{i}]: unsupported key(s) {sorted(bad)}")
+        for k in ps:
+            if k not in PER_MODEL:
+                raise ConfigError(f"{where}: models[{i}].parameters: unsupported parameter {k!r}")
+        models.append(p)
+        params.append({k: _conditions(v, f"{where}: models[{i}].parameters.{k}") for k, v in ps.items()})
+    gp = cfg.get("parameters") or {}
+    for k in gp:
+        if k not in GLOBAL and k not in PER_MODEL:
+            raise ConfigError(f"{where}: parameters: unsupported parameter {k!r}")
+    gconds = {k: _conditions(v, f"{where}: parameters.{k}") for k, v in gp.items() if k != "int8_mask"}
+
+    # inputs and which entries carry weights
+    if layout in ("tv",):
+        if base is None:
+            raise ConfigError(f"{where}: merge_method {mm} needs base_model")
+        keep = [i for i, m in enumerate(models) if m != base]
+        inputs: dict[str, Any] = {"pre": base, "skills": [models[i] for i in keep]}
+    elif layout == "pair":
+        if base is None:
+            raise ConfigError(f"{where}: merge_method {mm} needs base_model")
+        others = [m for m in models if m != base]
+        if len(others) != 1:
+            raise ConfigError(f"{where}: merge_method {mm} takes the base_model and exactly one other model")
+        keep = []
+        inputs = {"models": [base, others[0]]}
+    else:
+        keep = [i for i, m in enumerate(models) if m != base] if layout == "models+base" and base else list(
+            range(len(models)))
+        inputs = {"models": [models[i] for i in keep]}
+        if layout == "models+base" and base:
+            inputs["pre"] = base
+    if mm == "linear" and base and base not in models:
+        raise ConfigError(f"{where}: linear takes no base_model unless it is one of the models")
+
+    def param(k: str, i: int | None, name: str | None, default: Any) -> Any:
+        conds = params[i].get(k) if i is not None else None
+        if conds is None:
+            conds = gconds.get(k)
+        if conds is None:
+            return default
+        return _pick(conds, name or "", default) if name is not None else next(
+            (s for f, s in conds if f is None), default)
+
+    has_filters = any(f is not None for c in [*gconds.values(), *(v for p in params for v in p.values())]
+                      for f, _ in c)
+    weight_key = "t" if layout == "pair" else ("scale" if mm == "passthrough" else "weight")
+
+    def weights_for(name: str | None) -> Any:
+        if layout == "pair" or mm == "passthrough":
+            return param(weight_key, keep[0] if mm == "passthrough" and keep else None, name, 1.0 if
+                         mm == "passthrough" else 0.5)
+        if method in ("model_stock", "sce"):
+            return 1.0
+        return [param("weight", i, name, 1.0) for i in keep]
+
+    r = Recipe(method, inputs, weights=weights_for(None), out=out, convention="mergekit", name=str(cfg.get("name", "")))
+    if method in ("model_stock", "sce"):
+        r.weights = 1.0
+    opts: dict[str, Any] = {}
+    for k, v in gconds.items():
+        if k in PER_MODEL or GLOBAL.get(k) is None:
+            continue
+        opts[GLOBAL[k]] = _scalar(next((s for f, s in v if f is None), None), f"{where}: parameters.{k}")
+    for k in ("density", "epsilon", "gamma"):
+        vals = [param(k, i, None, None) for i in keep]
+        if any(v is not None for v in vals):
+            if any(v is None for v in vals):
+                raise ConfigError(f"{where}: {k} must be given for every model (or globally)")
+            vals = [_scalar(v, f"{where}: {k}") for v in vals]
+            if k == "density" and method in ("dare", "dare_ties"):
+                r.drop_rate = [1.0 - v for v in vals] if len(set(vals)) > 1 else 1.0 - vals[0]
+            elif k == "density" and method == "ties":
+                r.density = vals if len(set(vals)) > 1 else vals[0]
+            else:
+                opts[k] = vals if len(set(vals)) > 1 else vals[0]
+    if "normalize" in opts:
+        r.normalize = opts.pop("normalize")
+    if method in ("dare", "dare_ties") and opts.pop("rescale", True) is False:
+        raise ConfigError(f"{where}: rescale: false is not supported for DARE in ptm")
+    if method == "dare":
+        opts.pop("lambda_", None) if opts.get("lambda_", 1.0) == 1.0 else None
+    r.method_options = opts
+    if has_filters:
+        if tensor_names is None:
+            raise ConfigError(f"{where}: `filter` conditions need the inputs' tensor names")
+        groups: dict[str, list[str]] = {}
+        for n in tensor_names:
+            groups.setdefault(repr(weights_for(n)), []).append(n)
+        default = repr(weights_for(None))
+        r.overrides = [{"pattern": "re:^(" + "|".join(re.escape(n) for n in ns) + ")$",
+                        "weights": weights_for(ns[0])} for key, ns in groups.items() if key != default]
+    dt, odt = cfg.get("dtype"), cfg.get("out_dtype")
+    for k, v in (("dtype", dt), ("out_dtype", odt)):
+        if v is not None and v not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{where}: {k} {v!r} is not supported (float32, bfloat16, float16)")
+    # ptm computes in float32 always; mergekit writes `dtype` unless out_dtype is given.
+    r.output_dtype = odt or dt
+    tok = cfg.get("tokenizer_source")
+    if isinstance(cfg.get("tokenizer"), dict):
+        bad = set(cfg["tokenizer"]) - {"source"}
+        if bad:
+            raise ConfigError(f"{where}: tokenizer: unsupported key(s) {sorted(bad)}")
+        tok = cfg["tokenizer"].get("source")
+    elif cfg.get("tokenizer") is not None:
+        raise ConfigError(f"{where}: tokenizer must be a mapping {{source: ...}}")
+    if tok is not None:
+        if tok == "union" or isinstance(tok, dict):
+            raise ConfigError(f"{where}: tokenizer source {tok!r} is not supported (base or a model path)")
+        r.hf_source = base if tok == "base" else _model(tok, f"{where}: tokenizer source")
+    ct = cfg.get("chat_template")
+    if ct is not None:
+        if not isinstance(ct, str) or "{" not in ct:
+            raise ConfigError(f"{where}: chat_template {ct!r}: only a literal Jinja template is supported")
+        r.chat_template = ct
+    return [r]
+
+
+def load(path: str, out: str | None = None) -> list[Recipe]:
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    names = None
+    text = str(cfg)
+    if "filter" in text:
+        from ptm.ckpt import stores
+
+        m = cfg.get("base_model") or _model((cfg.get("models") or [None])[0], path)
+        names = list(stores.open_store(_model(m, path)).tensors())
+    return translate(cfg, out=out, tensor_names=names, where=path)

@@ -1,0 +1,148 @@
+"""mergekit YAML configs run as they are, and agree with the real mergekit (skipped when it is not installed in
+a separate venv: MERGEKIT_YAML or /tmp/mk/bin/mergekit-yaml)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from ptm.errors import ConfigError
+from ptm.merge import engine, mergekit_yaml
+
+MK = os.environ.get("MERGEKIT_YAML", "/tmp/mk/bin/mergekit-yaml")
+
+
+def test_translate_and_errors():
+    cfg = {"merge_method": "ties", "base_model": "b", "dtype": "float32", "out_dtype": "bfloat16",
+           "models": [{"model": "a", "parameters": {"weight": [0, 0.5, 1], "density": 0.5}},
+                      {"model": "c", "parameters": {"weight": 0.3, "density": 0.7}}, {"model": "b"}],
+           "parameters": {"normalize": False}}
+    (r,) = mergekit_yaml.translate(cfg, out="o")
+    assert r.method == "ties" and r.inputs == {"pre": "b", "skills": ["a", "c"]} and r.convention == "mergekit"
+    assert r.weights == [{"anchors": [0.0, 0.5, 1.0], "default": 0.0}, 0.3] and r.density == [0.5, 0.7]
+    assert r.normalize is False and r.output_dtype == "bfloat16"
+    (d,) = mergekit_yaml.translate({"merge_method": "dare_ties", "base_model": "b",
+                                    "models": [{"model": "a", "parameters": {"density": 0.6, "weight": 1}}]})
+    assert abs(d.drop_rate - 0.4) < 1e-12
+    for bad, key in [({"merge_method": "ties", "slices": []}, "slices"), ({"merge_method": "x"}, "x"),
+                     ({"merge_method": "linear", "models": ["a"], "foo": 1}, "foo"),
+                     ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"bar": 1}}]}, "bar"),
+                     ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union"}}, "union")]:
+        with pytest.raises(ConfigError, match=key):
+            mergekit_yaml.translate(bad)
+    f = mergekit_yaml.translate({"merge_method": "linear", "models": [
+        {"model": "a", "parameters": {"weight": [{"filter": "mlp", "value": 2.0}, {"value": 1.0}]}},
+        {"model": "c", "parameters": {"weight": 1.0}}]}, tensor_names=["x.mlp.w", "x.attn.w"])[0]
+    assert f.weights == [1.0, 1.0] and len(f.overrides) == 1 and f.overrides[0]["weights"] == [2.0, 1.0]
+
+
+def _models(tmp_path):
+    import torch
+    import transformers
+
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        m = transformers.LlamaForCausalLM(cfg)
+        if seed:  # fine-tunes of model 0: small random task vectors
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=g))
+        p = str(tmp_path / f"m{seed}")
+        m.to(torch.bfloat16).save_pretrained(p)
+        paths.append(p)
+    return paths
+
+
+CONFIGS = {
+    "linear": {"models": [{"model": 1, "parameters": {"weight": 0.3}}, {"model": 2, "parameters": {"weight": 0.7}}]},
+    "task_arithmetic": {"base_model": 0, "models": [{"model": 1, "parameters": {"weight": [0.2, 1.0]}},
+                                                    {"model": 2, "parameters": {"weight": 0.5}}]},
+    "ties": {"base_model": 0, "models": [{"model": 1, "parameters": {"weight": 1.0, "density": 0.5}},
+                                         {"model": 2, "parameters": {"weight": 0.5, "density": 0.3}}]},
+    "slerp": {"base_model": 1, "models": [{"model": 1}, {"model": 2}], "parameters": {"t": 0.3}},
+    "nuslerp": {"base_model": 0, "models": [{"model": 1, "parameters": {"weight": 0.4}},
+                                            {"model": 2, "parameters": {"weight": 0.6}}]},
+    "breadcrumbs_ties": {"base_model": 0, "models": [
+        {"model": 1, "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}},
+        {"model": 2, "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}}]},
+    "model_stock": {"base_model": 0, "models": [{"model": 1}, {"model": 2}]},
+    "nearswap": {"base_model": 1, "models": [{"model": 1}, {"model": 2}], "parameters": {"t": 0.01}},
+    "sce": {"base_model": 0, "models": [{"model": 1}, {"model": 2}], "parameters": {"select_topk": 0.5}},
+    "karcher": {"models": [{"model": 1}, {"model": 2}]},
+    "multislerp": {"models": [{"model": 1, "parameters": {"weight": 1.0}},
+                              {"model": 2, "parameters": {"weight": 2.0}}]},
+    "dare_linear": {"base_model": 0, "models": [{"model": 1, "parameters": {"weight": 1.0, "density": 0.5}},
+                                                {"model": 2, "parameters": {"weight": 1.0, "density": 0.5}}]},
+    "della_linear": {"base_model": 0, "models": [
+        {"model": 1, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}},
+        {"model": 2, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}]},
+}
+RANDOM = {"dare_linear", "della_linear"}
+
+
+def _fill(c, paths):
+    def m(v):
+        return paths[v] if isinstance(v, int) else v
+
+    c = dict(c)
+    if "base_model" in c:
+        c["base_model"] = m(c["base_model"])
+    c["models"] = [{**e, "model": m(e["model"])} for e in c["models"]]
+    return c
+
+
+# Measured against mergekit 0.1.5 (tiny Llama, bf16 inputs, dtype float32): these do not agree yet.
+KNOWN = {
+    "ties": "99.917 % within one bf16 step (exact-k trim: threshold ties / k per tensor still differ)",
+    "breadcrumbs_ties": "99.83 % within one bf16 step (top/bottom cut ties)",
+    "sce": "99.43 % (variance ties / weighting details)",
+    "multislerp": "31 %: mergekit's tangent-space construction differs from ptm's log map",
+    "dare_linear": "norm tensors (all-ones base): kept fraction differs",
+    "della_linear": "norm tensors (all-ones base): kept fraction differs",
+}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN[m], strict=False))
+                                    if m in KNOWN else m for m in sorted(CONFIGS)])
+@pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
+def test_agrees_with_mergekit(tmp_path, method):
+    pytest.importorskip("transformers")
+    from safetensors.numpy import load_file  # noqa: F401  (bf16 refused: read through ptm's store)
+
+    from ptm.ckpt import stores
+
+    paths = _models(tmp_path)
+    cfg = {"merge_method": method, "dtype": "float32", "out_dtype": "bfloat16", **_fill(CONFIGS[method], paths)}
+    cfg_path = tmp_path / "cfg.yml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    res = subprocess.run([MK, str(cfg_path), str(tmp_path / "mk"), "--allow-crimes"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    engine.merge(mergekit_yaml.load(str(cfg_path), out=str(tmp_path / "ptm")), progress=False, summary=False)
+    a, b = stores.open_store(str(tmp_path / "mk")), stores.open_store(str(tmp_path / "ptm"))
+    base = stores.open_store(paths[0])
+    agree = total = 0
+    for n in b.tensors():
+        x = a.read(n, ()).astype(np.float32)
+        y = b.read(n, ()).astype(np.float32)
+        if method in RANDOM:  # in distribution: fraction changed from the base and mean |delta|
+            z = base.read(n, ()).astype(np.float32)
+            fx, fy = np.mean(x != z), np.mean(y != z)
+            assert abs(fx - fy) < 0.05 + 0.1 * max(fx, fy), (n, fx, fy)
+            mx, my = np.abs(x - z).mean(), np.abs(y - z).mean()
+            assert abs(mx - my) <= 0.15 * max(mx, my) + 1e-6, (n, mx, my)
+            continue
+        step = np.abs(x) * 2.0 ** -7 + 1e-30  # one bf16 step
+        agree += int((np.abs(x - y) <= step).sum())
+        total += x.size
+    if method not in RANDOM:
+        assert agree / total >= 0.9999, f"{method}: {agree / total:.6f} of elements within one bf16 step"
