@@ -238,11 +238,14 @@ def analyze(exp: Study, cosines: dict[str, Any] | None = None) -> dict[str, Any]
             "cft": C.cft_examples(s.sizes),
             "rt": C.rt_examples(g.examples, s.sizes) if g else None,
             "ptm": C.ptm_examples(d),
+            "rt_trials": C.rt_trials(s.sizes),  # the paper's n: one retraining per D_i
+            "d_sizes": list(s.sizes),
         }
     return {
         "name": cfg.name,
         "config": os.path.abspath(cfg.source),
         "selection_rule": cfg.selection,
+        "eval_items_per_task": cfg.eval.max_items_per_task,
         "heuristic_omegas": dict(exp.heuristics),
         "runs": runs,
         "formula_examples": formulas,

@@ -36,10 +36,8 @@ def run_experiment_cmd(args) -> int:
             print(f"  train {r.id:<28} {r.kind:<8} {srcs}  init={r.init}")
         return 0
     res = Experiment(cfg, progress=args.progress).run()
+    from ptm.experiment.report import headline
+
     print(f"{cfg.results_dir}/tables.md")
-    for s, rows in res["tables"]["table2"].items():
-        for r in rows:
-            g = "n/a" if r["general"] is None else f"{r['general']:.1f}"
-            k = "n/a" if r["skill"] is None else f"{r['skill']:.1f}"
-            print(f"  {s:<10} {r['label']:<30} general {g:>5}  skill {k:>5}  steps {r['steps']}")
+    print(headline(res))
     return 0

@@ -65,9 +65,15 @@ def cft_examples(sizes: Sequence[int]) -> int:
     return int(sum(sizes))
 
 
+def rt_trials(sizes: Sequence[int]) -> int:
+    """The paper's n: RT retrains theta_pre on G + D_i once per data-ratio trial, i.e. once per size D_i (its
+    five sizes give n = 5). The measured cost sums exactly these runs, so n is the length of the D_i grid."""
+    return len(sizes)
+
+
 def rt_examples(general: int, sizes: Sequence[int]) -> int:
-    """RT: n |G| + sum_i |D_i| for n = len(sizes) retraining runs."""
-    return int(len(sizes) * general + sum(sizes))
+    """RT: n |G| + sum_i |D_i| for n = rt_trials(sizes) retraining runs."""
+    return int(rt_trials(sizes) * general + sum(sizes))
 
 
 def ptm_examples(skill: int | Sequence[int]) -> int:

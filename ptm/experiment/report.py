@@ -61,6 +61,7 @@ def markdown(res: dict[str, Any]) -> str:
         "Heuristic omega = |D|/|G|: " + ", ".join(f"{k} {v:.4f}" for k, v in res["heuristic_omegas"].items()),
         "",
     ]
+    parts += ["## Headline (what `ptm experiment` prints)", "", "```text", headline(res), "```", ""]
     parts += ["## Table 2: general vs skill, and cost", ""]
     for s in skills:
         rows = [
@@ -171,6 +172,70 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("cosine"):
         parts += [f"![cosine]({FIG_COS})", ""]
     return "\n".join(parts)
+
+
+HEADLINE_ROWS = (
+    ("Instruction-tuned (theta_G)", "theta_G"),
+    ("Best CFT", "best CFT"),
+    ("Best RT", "best RT"),
+    ("Best PTM (task arithmetic)", "PTM, selected omega"),
+    ("PTM heuristic omega (D/G)", "PTM, omega = |D|/|G|"),
+)
+
+
+def _ratio(a: int | None, b: int | None) -> str:
+    return "n/a" if not a or not b else f"{a:,} / {b:,} = {100.0 * a / b:.0f} %"
+
+
+def headline(res: dict[str, Any]) -> str:
+    """The first screen of `ptm experiment`: per skill, general and skill score (test) and training steps of
+    theta_G, the best CFT, the best RT, PTM (task arithmetic) at the omega selected on validation and at the
+    heuristic omega = |D|/|G|, then PTM's cost as a share of RT's. Built from the analysis dict alone."""
+    t2 = res["tables"]["table2"]
+    models = res.get("models", {})
+    items = res.get("eval_items_per_task")
+    rule = {
+        "skill": "highest validation skill score, ties by general",
+        "mean": "highest validation mean of general and skill",
+    }.get(res["selection_rule"], res["selection_rule"])
+    noise = f"{items} items per task: one answer = {100.0 / items:.1f} points" if items else "all eval items"
+    out = [f"Headline (test split; best = {rule}; {noise})"]
+    for s, rows in t2.items():
+        by = {r["label"]: r for r in rows}
+        f = res.get("formula_examples", {}).get(s, {})
+        om = res["heuristic_omegas"].get(s)
+        sizes = f.get("d_sizes")
+        n = f.get("rt_trials", len(sizes) if sizes is not None else None)
+        head = f"{s}: heuristic omega |D|/|G| = {fmt(om, 3)}"
+        if sizes is not None:
+            head += f"; {len(sizes)} D_i size(s) {', '.join(f'{x:,}' for x in sizes)}; RT n = {n} trial(s)"
+        out.append(head)
+        benign = any(r["benign"] is not None for r in rows)
+        cols = f"  {'model':<26} {'general':>7} {'skill':>6}" + (f" {'benign':>6}" if benign else "") + \
+            f" {'steps':>6}  {'examples':>8}  detail"
+        out.append(cols)
+        for label, name in HEADLINE_ROWS:
+            r = by.get(label)
+            if r is None:
+                continue
+            m = models.get(r["model"] or "", {})
+            detail = ""
+            if r["omega"] is not None:
+                detail = f"omega {r['omega']:.3g}"
+            elif m.get("size") is not None:
+                detail = f"D_i {m['size']:,}"
+            line = f"  {name:<26} {fmt(r['general']):>7} {fmt(r['skill']):>6}"
+            if benign:
+                line += f" {fmt(r['benign']) if r['benign'] is not None else '':>6}"
+            line += f" {fmt(r['steps']):>6}  {fmt(r['examples']):>8}  {detail}"
+            out.append(line.rstrip())
+        ptm, rt = by.get("Best PTM (task arithmetic)"), by.get("Best RT")
+        if ptm and rt:
+            out.append(
+                f"  PTM / RT cost: steps {_ratio(ptm['steps'], rt['steps'])}; "
+                f"examples {_ratio(ptm['examples'], rt['examples'])}"
+            )
+    return "\n".join(out)
 
 
 CSV_FIELDS = [

@@ -14,6 +14,9 @@ from ptm.toml_file import load_toml
 
 _TRAIN_KEYS = {"seq_len", "global_batch_size", "learning_rate", "warmup_ratio", "weight_decay", "seed",
                "num_epochs"}
+# A source: a suite file, optionally only some of its tasks (`tasks`: G's per-task mixture), repeated `epochs`
+# times or sampled at `rate` per mixture epoch (ptm.data.pipeline.SourceConfig).
+_SOURCE_KEYS = {"path", "max_examples", "epochs", "rate", "tasks"}
 
 
 def load_pool_config(path: str) -> dict[str, Any]:
@@ -34,7 +37,35 @@ def load_pool_config(path: str) -> dict[str, Any]:
         bad = set(m) - _TRAIN_KEYS - {"name", "init", "sources"}
         if bad:
             raise ConfigError(f"{path}: member {m['name']!r} has unknown key(s) {sorted(bad)}")
+    for name, spec in [("base", cfg["base"])] + [(m["name"], m) for m in cfg["member"]]:
+        for src in spec.get("sources", []):
+            bad = set(src) - _SOURCE_KEYS if isinstance(src, dict) else {"(not a table)"}
+            if bad or "path" not in src:
+                raise ConfigError(f"{path}: {name!r}: a source needs `path` and may have {sorted(_SOURCE_KEYS)}; "
+                                  f"got {src!r}")
+            tasks = src.get("tasks")
+            if tasks is not None and (not isinstance(tasks, list) or not tasks
+                                      or not all(isinstance(t, str) and t for t in tasks)):
+                raise ConfigError(f"{path}: {name!r}: source tasks must be a non-empty list of task names")
     return cfg
+
+
+def _task_subset(suite: Path, out: Path, src: dict[str, Any]) -> str:
+    """The source's file, or (with `tasks`) a copy holding only those tasks' records: per-task mixture rates."""
+    if not src.get("tasks"):
+        return str(suite / src["path"])
+    tasks = list(src["tasks"])
+    dest = out / "sources" / f"{Path(src['path']).stem}.{'+'.join(tasks)}.jsonl"
+    if not dest.exists():
+        lines = [line for line in (suite / src["path"]).read_text().splitlines()
+                 if line.strip() and json.loads(line).get("task") in tasks]
+        if not lines:
+            raise ConfigError(f"{src['path']}: no records of tasks {tasks}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(dest)
+    return str(dest)
 
 
 def _train_run(run_dir: Path, suite: Path, spec: dict[str, Any], shared: dict[str, Any], model,
@@ -45,8 +76,10 @@ def _train_run(run_dir: Path, suite: Path, spec: dict[str, Any], shared: dict[st
     from ptm.train.optimizer import OptimizerConfig
 
     hp = {**shared, **{k: v for k, v in spec.items() if k in _TRAIN_KEYS}}
-    sources = [SourceConfig(path=str(suite / s["path"]), name=Path(s["path"]).stem,
-                            max_examples=s.get("max_examples"), epochs=float(s.get("epochs", 1.0)))
+    sources = [SourceConfig(path=_task_subset(suite, run_dir.parent.parent, s),
+                            name=Path(s["path"]).stem + (f".{'+'.join(s['tasks'])}" if s.get("tasks") else ""),
+                            max_examples=s.get("max_examples"), epochs=float(s.get("epochs", 1.0)),
+                            rate=float(s.get("rate", 1.0)))
                for s in spec["sources"]]
     data = DataConfig(sources=sources, seq_len=int(hp.get("seq_len", 128)),
                       global_batch_size=int(hp.get("global_batch_size", 32)), seed=int(hp.get("seed", 0)),

@@ -128,6 +128,6 @@ def test_cli_check_prints_the_plan(capsys):
 
     assert main(["experiment", str(PROFILES / "full.toml"), "--check"]) == 0
     out = capsys.readouterr().out
-    assert "train rt_coding_400" in out and "init=@pre" in out
+    assert "train rt_coding_907" in out and "init=@pre" in out
     assert main(["experiment", str(PROFILES / "nope.toml"), "--check"]) == 2
     assert "nope.toml" in capsys.readouterr().err

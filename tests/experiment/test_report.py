@@ -130,3 +130,30 @@ def test_files_hold_the_json_numbers(study):
             assert float(row[f"skill:{s}"]) == v
         for t, v in agg["tasks"].items():
             assert float(row[f"task:{t}"]) == v
+
+
+def test_headline_shows_the_five_rows_and_the_cost_ratio(study):
+    exp, res, out, _ = study
+    text = report.headline(res)
+    assert text in (out / "tables.md").read_text()
+    assert f"{exp.cfg.eval.max_items_per_task} items per task" in text.splitlines()[0]
+    blocks = text.split("\n")[1:]
+    for s in exp.cfg.skills:
+        rows = {r["label"]: r for r in res["tables"]["table2"][s.name]}
+        i = next(j for j, line in enumerate(blocks) if line.startswith(f"{s.name}: heuristic omega"))
+        assert f"RT n = {len(s.sizes)} trial(s)" in blocks[i]
+        body = blocks[i + 2 : i + 7]
+        for (label, name), line in zip(report.HEADLINE_ROWS, body, strict=True):
+            r = rows[label]
+            fields = line[len(f"  {name:<26}") :].split()
+            assert line.startswith(f"  {name}"), line
+            assert fields[0] == f"{r['general']:.1f}" and fields[1] == f"{r['skill']:.1f}", line
+            if s.benign_tasks:
+                assert fields[2] == f"{r['benign']:.1f}", line
+            assert f" {r['steps']:,} " in line and f" {r['examples']:,} " in line
+        assert f"omega {rows['PTM heuristic omega (D/G)']['omega']:.3g}" in body[4]
+        ptm, rt = rows["Best PTM (task arithmetic)"], rows["Best RT"]
+        ratio = blocks[i + 7]
+        assert ratio.startswith("  PTM / RT cost: steps ")
+        assert f"{ptm['steps']:,} / {rt['steps']:,} = {100 * ptm['steps'] / rt['steps']:.0f} %" in ratio
+        assert f"{ptm['examples']:,} / {rt['examples']:,}" in ratio
