@@ -1,0 +1,291 @@
+"""Sparsifying methods: TIES, DARE, DARE-TIES, Model Breadcrumbs, DELLA and SCE (trim / drop / rank task-vector
+entries, optionally elect signs), with whole-unit statistics so a sharded merge equals the unsharded one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from ptm.errors import MergeError
+from ptm.merge.methods.base import (
+    _GTA,
+    Arrays,
+    Context,
+    Method,
+    _anchor,
+    _consensus_sum,
+    _count,
+    _f32,
+    _flat,
+    _per,
+    _stream_taus,
+    _taus,
+    as_matrix,
+    kth_largest_abs,
+    register,
+    uniform_from_index,
+)
+
+
+def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize: bool = True,
+         convention: str = "ptm") -> np.ndarray:
+    """TIES: trim each task vector to its top-`density` magnitudes, elect the sign of the weighted sum, and take
+    the (weight-)mean of the entries that agree with it. Weights are applied before the vote (as mergekit does).
+    convention "ptm": keep every |tau| >= the ceil(density n)-th largest, no sign on a zero vote; "mergekit": keep
+    exactly int(density n) entries per unit (ties at the threshold: lowest flat index first), "+" on a zero vote."""
+    if convention == "mergekit":
+        idx = _flat(ctx, x["pre"])
+        taus = []
+        for t, (thr, cut) in zip(_taus(x), ctx.unit["exact"], strict=True):
+            a = np.abs(t)
+            keep = (a > np.float32(thr)) | ((a == np.float32(thr)) & (idx <= np.uint64(cut))) if cut >= 0 else (
+                a > np.float32(thr))
+            taus.append(np.where(keep, t, np.float32(0)))
+        return _anchor(x) + _consensus_sum(taus, w, True, normalize, "mergekit")
+    pre = x["pre"]
+    thr = ctx.stats.get("thresholds") or [0.0] * len(x["skills"])
+    taus = []
+    for s, t in zip(x["skills"], thr, strict=True):
+        tau = s - pre
+        if t > 0:
+            tau[np.abs(tau) < np.float32(t)] = 0
+        taus.append(tau)
+    return _anchor(x) + _consensus_sum(taus, w, True, normalize, "ptm")
+
+
+def ties_stats(
+    tau_blocks: Callable[[int], Iterable[np.ndarray]],
+    n_skills: int,
+    numel: int,
+    density: Any = 1.0,
+    convention: str = "ptm",
+    **_: Any,
+) -> dict[str, Any]:
+    """Per skill, the magnitude of the ceil(density * numel)-th largest task-vector entry (kept: |tau| >= it)."""
+    if convention == "mergekit" or all(_per(density, k) >= 1.0 for k in range(n_skills)):
+        return {"thresholds": [0.0] * n_skills}
+    out = []
+    for i in range(n_skills):
+        d = _per(density, i)
+        out.append(0.0 if d >= 1.0 else kth_largest_abs(tau_blocks(i), max(1, math.ceil(d * numel))))
+    return {"thresholds": out}
+
+
+def ties_unit_stats(stream, numel: int, density: Any = 1.0, convention: str = "ptm", **_: Any) -> dict[str, Any]:
+    """convention "mergekit": per skill (threshold, cutoff) keeping exactly k = int(density * numel) entries of the
+    unit: every |tau| > threshold, and the entries equal to it with flat index <= cutoff (-1: none of them)."""
+    if convention != "mergekit":
+        return {}
+    x0, _ = next(iter(stream()))
+    out = []
+    for k in range(len(x0["skills"])):
+        n_keep = int(_per(density, k) * numel)
+        if n_keep >= numel:
+            out.append((-1.0, -1))  # keep all (|tau| > -1)
+            continue
+        if n_keep == 0:
+            out.append((math.inf, -1))
+            continue
+        taus = _stream_taus(stream, k)
+        thr = kth_largest_abs(taus, n_keep)
+        n_gt, ties_idx = 0, np.zeros(0, np.uint64)
+        for x, idx in stream():
+            a = np.abs(x["skills"][k] - x["pre"])
+            n_gt += int((a > np.float32(thr)).sum())
+            ties_idx = np.concatenate([ties_idx, idx().reshape(a.shape)[a == np.float32(thr)].ravel()])
+        need = n_keep - n_gt
+        ties_idx.sort()
+        out.append((thr, int(ties_idx[need - 1]) if need > 0 else -1))
+    return {"exact": out}
+
+
+def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, convention: str = "ptm") -> np.ndarray:
+    """DARE (linear): drop each task-vector entry with probability p, rescale the rest by 1/(1-p) (convention
+    "mergekit": by the unit's |tau|_1 / |tau kept|_1), then anchor + sum_k omega_k tau_k'. The mask of skill k at
+    element i is a function of (seed, tensor name, k, i)."""
+    out = np.array(_anchor(x), dtype=np.float32, copy=True)
+    for t, wk in zip(_dare_taus(x, ctx, drop_rate, convention), w, strict=True):
+        out += _f32(wk) * t
+    return out
+
+
+def breadcrumbs_stats(stream, numel: int, density: Any = 0.9, gamma: Any = 0.01, **_: Any) -> dict[str, Any]:
+    """Per skill: drop the top `gamma` fraction of |tau| and the bottom 1 - density - gamma (so `density` remains;
+    when gamma >= 1 - density only the top 1 - density is dropped). Keep lo <= |tau| < hi."""
+    x0, _ = next(iter(stream()))
+    out = []
+    for k in range(len(x0["skills"])):
+        d, gm = _per(density, k), _per(gamma, k)
+        n_top = int(min(gm, 1.0 - d) * numel)
+        n_keep = int(d * numel)
+        taus = _stream_taus(stream, k)
+        hi = kth_largest_abs(taus, n_top) if n_top > 0 else math.inf
+        lo = kth_largest_abs(taus, n_top + n_keep) if 0 < n_top + n_keep < numel else 0.0
+        if n_keep == 0:
+            lo = math.inf
+        out.append((lo, hi))
+    return {"bounds": out}
+
+
+def _breadcrumbs(consensus: bool):
+    def fn(x: Arrays, w: list[float], ctx: Context, density: Any = 0.9, gamma: Any = 0.01, lambda_: float = 1.0,
+           normalize: bool = False) -> np.ndarray:
+        taus = []
+        for t, (lo, hi) in zip(_taus(x), ctx.unit["bounds"], strict=True):
+            a = np.abs(t)
+            taus.append(np.where((a >= np.float32(lo)) & (a < np.float32(hi)), t, np.float32(0)))
+        mixed = _consensus_sum(taus, w, consensus, normalize, "mergekit" if consensus else "ptm")
+        return x["pre"] + _f32(lambda_) * mixed
+
+    fn.__doc__ = "Model Breadcrumbs: drop the largest `gamma` and smallest |tau| (keep `density`), " + (
+        "TIES sign election, " if consensus else "") + "then pre + lambda * sum_k w_k tau_k'."
+    return fn
+
+
+def dare_keep(seed: int, name: str, k: int, idx: np.ndarray, drop_rate: float) -> np.ndarray:
+    return uniform_from_index(seed, name, k, idx) >= np.float32(drop_rate)
+
+
+def dare_stats(stream, numel: int, drop_rate: Any = 0.1, convention: str = "ptm", seed: int = 0, name: str = "",
+               **_: Any) -> dict[str, Any]:
+    """convention "mergekit": per skill, the factor |tau|_1 / |tau kept|_1 that keeps the unit's L1 norm."""
+    if convention != "mergekit":
+        return {}
+    tot: dict[int, list[float]] = {}
+    for x, idx in stream():
+        fi = idx()
+        for k, s in enumerate(x["skills"]):
+            a = np.abs(s - x["pre"])
+            keep = dare_keep(seed, name, k, fi.reshape(a.shape), _per(drop_rate, k))
+            t = tot.setdefault(k, [0.0, 0.0])
+            t[0] += float(a.sum(dtype=np.float64))
+            t[1] += float(np.where(keep, a, 0).sum(dtype=np.float64))
+    return {"l1_scale": [a / b if b > 0 else 1.0 for a, b in (tot[k] for k in sorted(tot))]}
+
+
+def _dare_taus(x: Arrays, ctx: Context, drop_rate: Any, convention: str) -> list[np.ndarray]:
+    idx = _flat(ctx, x["pre"])
+    out = []
+    for k, t in enumerate(_taus(x)):
+        p = _per(drop_rate, k)
+        scale = _f32(ctx.unit["l1_scale"][k]) if convention == "mergekit" else np.float32(1.0) / np.float32(1.0 - p)
+        out.append(np.where(dare_keep(ctx.seed, ctx.name, k, idx, p), t * scale, np.float32(0)))
+    return out
+
+
+def dare_ties(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, normalize: bool = True,
+              lambda_: float = 1.0, convention: str = "ptm") -> np.ndarray:
+    """DARE's random drop + rescale, then TIES' sign election and disjoint mean: pre + lambda * mixed."""
+    taus = _dare_taus(x, ctx, drop_rate, convention)
+    return x["pre"] + _f32(lambda_) * _consensus_sum(taus, w, True, normalize, convention)
+
+
+def _della_probs(a: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """Keep probabilities from density - epsilon (smallest |tau| of a row) to density + epsilon (largest), linear
+    in the rank within the row (last axis)."""
+    c = a.shape[-1]
+    if c <= 1:
+        return np.full(a.shape, density, np.float32)
+    ranks = np.argsort(np.argsort(a, axis=-1, kind="stable"), axis=-1, kind="stable").astype(np.float32)
+    return (np.float32(density - epsilon) + np.float32(2 * epsilon) * ranks / np.float32(c - 1)).astype(np.float32)
+
+
+def _della(consensus: bool):
+    def fn(x: Arrays, w: list[float], ctx: Context, density: Any = 0.7, epsilon: Any = 0.1, lambda_: float = 1.0,
+           normalize: bool = True, rescale: bool = True) -> np.ndarray:
+        shape = x["pre"].shape
+        m2 = as_matrix(shape) if len(shape) >= 2 else (1, max(1, math.prod(shape)))
+        idx = _flat(ctx, x["pre"]).reshape(m2)
+        taus = []
+        for k, t in enumerate(_taus(x)):
+            d, e = _per(density, k), _per(epsilon, k)
+            if not (0 < d - e and d + e <= 1):
+                raise MergeError(f"della: need 0 < density - epsilon and density + epsilon <= 1 (got {d}, {e})")
+            t2 = t.reshape(m2)
+            p = _della_probs(np.abs(t2), d, e)
+            keep = uniform_from_index(ctx.seed, ctx.name, k, idx) < p
+            v = np.where(keep, t2 / p if rescale else t2, np.float32(0)).astype(np.float32)
+            taus.append(v.reshape(shape))
+        mixed = _consensus_sum(taus, w, consensus, normalize, "mergekit")
+        return x["pre"] + _f32(lambda_) * mixed
+
+    fn.__doc__ = "DELLA (MAGPRUNE): keep each tau entry with a probability linear in its magnitude rank within its " \
+        "row, rescale by 1/p, " + ("TIES sign election, " if consensus else "") + "pre + lambda * mixed."
+    return fn
+
+
+def sce_stats(stream, numel: int, select_topk: float = 1.0, **_: Any) -> dict[str, Any]:
+    """SCE: the variance threshold keeping the top `select_topk` positions (variance of the task vectors across
+    models), then per model sum of tau^2 over the kept positions (normalised: the matrix-level weights)."""
+    def var_blocks() -> Iterable[np.ndarray]:
+        for x, _ in stream():
+            yield np.var(np.stack(_taus(x)), axis=0).astype(np.float32)
+
+    k = int(select_topk * numel)
+    thr = 0.0 if select_topk >= 1.0 else (kth_largest_abs(var_blocks, k) if k > 0 else math.inf)
+    ss = None
+    for x, _ in stream():
+        taus = _taus(x)
+        keep = np.var(np.stack(taus), axis=0).astype(np.float32) >= np.float32(thr) if thr > 0 else None
+        v = np.array([float(np.square(np.where(keep, t, 0) if keep is not None else t, dtype=np.float64).sum())
+                      for t in taus])
+        ss = v if ss is None else ss + v
+    tot = float(ss.sum())
+    return {"var_threshold": thr, "weights": list(ss / tot) if tot > 0 else [1.0 / len(ss)] * len(ss)}
+
+
+def sce(x: Arrays, w: list[float], ctx: Context, select_topk: float = 1.0, lambda_: float = 1.0) -> np.ndarray:
+    """SCE (FuseChat): Select positions by task-vector variance, Calculate matrix-level weights from mean tau^2,
+    Erase by TIES sign election; pre + lambda * (sum of agreeing weighted taus / sum of their weights)."""
+    taus = _taus(x)
+    thr = ctx.unit["var_threshold"]
+    if thr > 0:
+        keep = np.var(np.stack(taus), axis=0).astype(np.float32) >= np.float32(thr)
+        taus = [np.where(keep, t, np.float32(0)) for t in taus]
+    mixed = _consensus_sum(taus, ctx.unit["weights"], True, True, "mergekit")
+    return x["pre"] + _f32(lambda_) * mixed
+
+
+for _name, _cons in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
+    register(Method(_name, _breadcrumbs(_cons), _GTA, (), "skills",
+                    {"density": 0.9, "gamma": 0.01, "lambda_": 1.0, "normalize": False},
+                    unit_stats=breadcrumbs_stats, doc="drop largest gamma and smallest |tau|" +
+                    (", sign election" if _cons else "")))
+register(Method("dare_ties", dare_ties, _GTA, (), "skills",
+                {"drop_rate": 0.1, "normalize": False, "lambda_": 1.0, "convention": "ptm"},
+                unit_stats=dare_stats, doc="DARE drop/rescale + TIES sign election"))
+for _name, _cons in (("della", True), ("della_linear", False)):  # normalize defaults as in mergekit 0.1.5
+    register(Method(_name, _della(_cons), _GTA, (), "skills",
+                    {"density": 0.7, "epsilon": 0.1, "lambda_": 1.0, "normalize": _cons, "rescale": True},
+                    kind="matrix", doc="magnitude-ranked keep probabilities per row" +
+                    (", sign election" if _cons else "")))
+register(Method("sce", sce, _GTA, (), "none", {"select_topk": 1.0, "lambda_": 1.0}, unit_stats=sce_stats,
+                check_inputs=_count("skills", 1), doc="variance select, tau^2 weights, sign election"))
+register(
+    Method(
+        "ties",
+        ties,
+        ("pre", "skills"),
+        ("general",),
+        "skills",
+        {"density": 1.0, "normalize": True, "convention": "ptm"},
+        stats=ties_stats,
+        unit_stats=ties_unit_stats,
+        doc="trim, elect sign, disjoint mean",
+    )
+)
+register(
+    Method(
+        "dare",
+        dare,
+        ("pre", "skills"),
+        ("general",),
+        "skills",
+        {"drop_rate": 0.1, "convention": "ptm"},
+        unit_stats=dare_stats,
+        doc="random drop p, rescale 1/(1-p), task arithmetic",
+    )
+)

@@ -1,0 +1,170 @@
+"""Geometric methods on the Gram matrix of a unit's inputs: SLERP, NuSLERP, multi-SLERP, Karcher mean, Model
+Stock and MetaGPT's closed-form weights. Each is a linear combination with coefficients from the Gram matrix,
+so it stays elementwise and streamed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from ptm.errors import MergeError
+from ptm.merge.methods.base import (
+    _GTA,
+    Arrays,
+    Context,
+    Method,
+    _count,
+    _memo,
+    _taus,
+    _vectors,
+    register,
+)
+
+
+def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, **_: Any) -> dict[str, Any]:
+    """Gram matrix G_ij = <v_i, v_j> of the unit's vectors (float64 sums over the whole unit)."""
+    g = None
+    for x, _ in stream():
+        vs = [v.astype(np.float64).ravel() for v in (_vectors(x) if "models" in x else _taus(x))]
+        blk = np.array([[float(np.dot(a, b)) for b in vs] for a in vs])
+        g = blk if g is None else g + blk
+    return {"gram": g}
+
+
+def _combine_linear(base: np.ndarray | None, vs: list[np.ndarray], coef: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(vs[0]) if base is None else np.array(base, dtype=np.float32, copy=True)
+    for v, c in zip(vs, coef, strict=True):
+        out += np.float32(c) * v
+    return out
+
+
+def _norms(g: np.ndarray, eps: float) -> np.ndarray:
+    return np.sqrt(np.maximum(np.diag(g), 0.0)).clip(min=eps)
+
+
+def slerp_coefficients(g: np.ndarray, t: float, eps: float = 1e-8, dot_threshold: float = 0.9995) -> np.ndarray:
+    """(c0, c1) with slerp(v0, v1, t) = c0 v0 + c1 v1, from the Gram matrix of (v0, v1): the angle between the
+    normalised vectors; linear interpolation when they are (anti)parallel within `dot_threshold`."""
+    n = _norms(g, eps)
+    dot = float(np.clip(g[0, 1] / (n[0] * n[1]), -1.0, 1.0))
+    if abs(dot) > dot_threshold:
+        return np.array([1.0 - t, t])
+    th = math.acos(dot)
+    s = math.sin(th)
+    return np.array([math.sin((1.0 - t) * th) / s, math.sin(t * th) / s])
+
+
+def slerp(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
+    """Spherical interpolation models[0] -> models[1] by t = omega over the angle of the whole unit."""
+    t = float(w[0])
+    coef = _memo(ctx, ("slerp", t), lambda: slerp_coefficients(ctx.unit["gram"], t))
+    return _combine_linear(None, list(x["models"]), coef)
+
+
+def nuslerp(x: Arrays, w: list[float], ctx: Context, flatten: bool = True) -> np.ndarray:
+    """SLERP with t = w_1 / (w_0 + w_1); with a base (`pre`), SLERP of the task vectors added to the base."""
+    if not flatten:
+        raise MergeError("nuslerp: only flatten = true (whole-tensor SLERP) is implemented")
+    tot = w[0] + w[1]
+    t = float(w[1] / tot) if tot != 0 else 0.5
+    coef = _memo(ctx, ("nuslerp", t), lambda: slerp_coefficients(ctx.unit["gram"], t))
+    return _combine_linear(x.get("pre"), _vectors(x), coef)
+
+
+def _sphere_log_coef(gx: np.ndarray, a: np.ndarray, wn: np.ndarray) -> tuple[np.ndarray, float]:
+    """In the basis of the unit vectors x_i (Gram gx): coefficients b of T = sum_i w_i log_m(x_i) at m = sum a_i x_i
+    (|m| = 1), and |T|."""
+    c = gx @ a  # <x_i, m>
+    th = np.arccos(np.clip(c, -1.0, 1.0))
+    f = np.where(th > 1e-12, th / np.where(np.sin(th) > 1e-300, np.sin(th), 1.0), 1.0)
+    b = np.zeros_like(a)
+    for i in range(len(a)):
+        e = np.zeros_like(a)
+        e[i] = 1.0
+        b += wn[i] * f[i] * (e - c[i] * a)
+    tn = float(np.sqrt(max(b @ gx @ b, 0.0)))
+    return b, tn
+
+
+def sphere_mean_coefficients(g: np.ndarray, w: list[float], iters: int, tol: float, eps: float,
+                             normalize_weights: bool = True) -> np.ndarray:
+    """Coefficients c (result = sum c_i v_i) of the weighted spherical mean of the unit vectors v_i/|v_i|,
+    rescaled by the weighted mean norm: `iters` = 1 is multislerp (one tangent-space step from the normalised
+    weighted Euclidean mean), more is the Karcher mean (Riemannian gradient steps until |T| < tol)."""
+    n = _norms(g, eps)
+    gx = g / np.outer(n, n)
+    wn = np.asarray(w, np.float64)
+    if normalize_weights:
+        s = wn.sum()
+        wn = wn / (s if abs(s) > eps else 1.0)
+    a = wn.copy()
+    a /= max(float(np.sqrt(max(a @ gx @ a, 0.0))), eps)
+    for _ in range(iters):
+        b, tn = _sphere_log_coef(gx, a, wn)
+        if tn < tol:
+            break
+        a = math.cos(tn) * a + (math.sin(tn) / tn) * b
+        a /= max(float(np.sqrt(max(a @ gx @ a, 0.0))), eps)
+    scale = float(wn @ n) if normalize_weights else float(wn @ n) / max(float(np.sum(wn)), eps)
+    return a / n * scale
+
+
+def multislerp(x: Arrays, w: list[float], ctx: Context, normalize_weights: bool = True, eps: float = 1e-8
+               ) -> np.ndarray:
+    """Barycentric SLERP of several models (or task vectors, with `pre`) on the hypersphere."""
+    key = ("multislerp", tuple(w))
+    coef = _memo(ctx, key, lambda: sphere_mean_coefficients(ctx.unit["gram"], w, 1, 0.0, eps, normalize_weights))
+    return _combine_linear(x.get("pre"), _vectors(x), coef)
+
+
+def karcher(x: Arrays, w: list[float], ctx: Context, max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """Karcher (Riemannian / Frechet) mean of the normalised models, rescaled by their weighted mean norm."""
+    key = ("karcher", tuple(w))
+    coef = _memo(ctx, key, lambda: sphere_mean_coefficients(ctx.unit["gram"], w, int(max_iter), tol, 1e-8))
+    return _combine_linear(None, list(x["models"]), coef)
+
+
+def model_stock_t(g: np.ndarray, eps: float = 1e-8) -> float:
+    """Model Stock's interpolation ratio t = N cos / (1 + (N - 1) cos), cos = mean pairwise cosine of the task
+    vectors (Eq. of arXiv 2403.19522)."""
+    n = _norms(g, eps)
+    k = len(n)
+    cos = [g[i, j] / (n[i] * n[j]) for i in range(k) for j in range(i + 1, k)]
+    c = float(np.mean(cos))
+    return k * c / (1.0 + (k - 1) * c)
+
+
+def model_stock(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
+    """t * mean_k theta_k + (1 - t) * theta_pre = theta_pre + t mean_k tau_k."""
+    k = len(x["skills"])
+    t = _memo(ctx, "t", lambda: model_stock_t(ctx.unit["gram"]))
+    return _combine_linear(x["pre"], _taus(x), np.full(k, t / k))
+
+
+def metagpt(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
+    """MetaGPT: theta_pre + sum_k lambda_k tau_k with lambda_k = |tau_k|^2 / sum_j |tau_j|^2 per unit."""
+    def lam() -> np.ndarray:
+        d = np.diag(ctx.unit["gram"])
+        tot = d.sum()
+        return d / tot if tot > 0 else np.full(len(d), 1.0 / len(d))
+
+    return _combine_linear(x["pre"], _taus(x), _memo(ctx, "lambda", lam))
+
+
+register(Method("slerp", slerp, ("models",), (), "omega", {}, unit_stats=gram_stats,
+                check_inputs=_count("models", 2, 2),
+                doc="spherical interpolation models[0] -> models[1] by t = omega (whole-unit angle)"))
+register(Method("nuslerp", nuslerp, ("models",), ("pre",), "models", {"flatten": True}, unit_stats=gram_stats,
+                check_inputs=_count("models", 2, 2), doc="SLERP with t = w1/(w0+w1); task vectors with pre"))
+register(Method("multislerp", multislerp, ("models",), ("pre",), "models", {"normalize_weights": True, "eps": 1e-8},
+                unit_stats=gram_stats, check_inputs=_count("models", 2),
+                doc="barycentric SLERP on the hypersphere (tangent space at the weighted mean)"))
+register(Method("karcher", karcher, ("models",), (), "models", {"max_iter": 10, "tol": 1e-5}, unit_stats=gram_stats,
+                check_inputs=_count("models", 2), doc="Karcher mean of the normalised models"))
+register(Method("model_stock", model_stock, _GTA, (), "none", {}, unit_stats=gram_stats,
+                check_inputs=_count("skills", 2), doc="pre + t mean(tau), t = N cos/(1+(N-1)cos)"))
+register(Method("metagpt", metagpt, _GTA, (), "none", {}, unit_stats=gram_stats, check_inputs=_count("skills", 1),
+                doc="pre + sum lambda_k tau_k, lambda_k = |tau_k|^2 / sum |tau_j|^2"))
