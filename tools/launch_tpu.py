@@ -1,8 +1,16 @@
 #!/usr/bin/env python
-"""Run `ptm train` / `ptm merge` on a Cloud TPU VM slice with gcloud, and keep it running through preemptions.
+"""Run any ptm command (`train`, `experiment`, `eval`, `search`, `merge`) on a Cloud TPU VM slice with gcloud, as
+one SPMD program on every worker, and keep it running through preemptions.
 
   python tools/launch_tpu.py --name ptm-7b --zone europe-west4-a --accelerator v3-128 --spot \\
       run -- ptm train --gin_file=runs/paper_7b_skill.gin --run_dir=gs://BUCKET/runs/sci ...
+  python tools/launch_tpu.py --name ptm-7b --zone europe-west4-a --accelerator v3-128 --spot \\
+      run -- ptm experiment configs/experiments/full.toml --results-dir /mnt/shared/results/full
+
+Every ptm command joins the slice's cluster itself (`ptm.parallel.distributed.initialize()`), so every worker
+runs the identical command line; `--dry-run` also prints what each worker runs. The relaunch loop covers every
+command: `experiment` resumes from its last completed stage (and a training stage from its newest checkpoint),
+`search run` from its search log, `train` from its newest checkpoint; `eval` and `merge` simply run again.
 
 `run` makes sure the slice exists and is READY (creating it, or deleting and re-creating it when it was
 PREEMPTED/TERMINATED), ships this checkout to every worker and installs it with `jax[tpu]` (once per VM), then
@@ -41,6 +49,51 @@ REMOTE_SRC = "~/ptm"
 REMOTE_VENV = "~/ptm-venv"
 REMOTE_READY = "~/ptm-venv/.ptm-installed"
 GONE_STATES = ("PREEMPTED", "TERMINATED", "STOPPED")
+
+
+# ptm commands that are one SPMD program: on a multi-host slice they must run on every worker (a lone worker
+# would wait for the others forever in jax.distributed.initialize()).
+SPMD_COMMANDS = ("train", "experiment", "eval", "search", "merge")
+
+
+def hosts_of(accelerator: str) -> int:
+    """Workers (hosts) of a TPU slice type: v2/v3/v4/v5p-N count TensorCores, 8 per host; v5litepod/v5e/v6e-N
+    count chips, 4 per host on multi-host slices (up to 8 chips fit one host)."""
+    kind, _, n = accelerator.rpartition("-")
+    try:
+        size = int(n)
+    except ValueError:
+        return 1
+    if kind.startswith(("v5litepod", "v5e", "v6e")):
+        return 1 if size <= 8 else size // 4
+    return max(1, size // 8)
+
+
+def ptm_subcommand(argv: Sequence[str]) -> str | None:
+    argv = list(argv)
+    if len(argv) >= 2 and os.path.basename(argv[0]) == "ptm":
+        return argv[1]
+    if len(argv) >= 4 and argv[1:3] == ["-m", "ptm.cli"]:
+        return argv[3]
+    return None
+
+
+def check_spmd(argv: Sequence[str], worker: str, accelerator: str) -> None:
+    sub = ptm_subcommand(argv)
+    if sub in SPMD_COMMANDS and worker != "all" and hosts_of(accelerator) > 1:
+        raise SystemExit(
+            f"launch_tpu: `ptm {sub}` is one SPMD program over all {hosts_of(accelerator)} workers of a "
+            f"{accelerator}; run it with --worker=all (a single worker would wait for the others forever)"
+        )
+
+
+def per_worker_commands(argv: Sequence[str], env: dict[str, str] | None, log_name: str, worker: str,
+                        accelerator: str) -> list[str]:
+    """What each worker runs (the same line on all: the TPU runtime tells each its process id)."""
+    command = job_command(argv, env, log_name)
+    n = hosts_of(accelerator)
+    workers = range(n) if worker == "all" else [int(worker)]
+    return [f"worker {w}/{n}: {command}" for w in workers]
 
 
 @dataclass
@@ -286,8 +339,8 @@ class Launcher:
                 self.say(f"slice {st} again after {max_restarts} restarts; giving up")
                 return rc
             self.say(
-                f"slice is {st} (rc={rc}): restart {restarts}/{max_restarts}, resuming from the newest "
-                "checkpoint"
+                f"slice is {st} (rc={rc}): restart {restarts}/{max_restarts}, relaunching on every worker "
+                "(it resumes from its last completed stage / newest checkpoint)"
             )
 
 
@@ -348,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     la = Launcher(tpu, runner, poll_s=args.poll, sleep=(lambda s: None) if args.dry_run else time.sleep)
     try:
         if args.action == "run":
+            check_spmd(rest, args.worker, args.accelerator)
+            if args.dry_run:
+                for line in per_worker_commands(rest, env, args.log_name, args.worker, args.accelerator):
+                    print(line)
             return la.run(
                 rest,
                 env=env,

@@ -140,7 +140,9 @@ def run_eval(args) -> int:
 
     toy_checkers.register()  # built-in checkers the CLI offers (the eval library itself never imports toy)
     items = load_suite(args.suite)  # fail on a bad suite before loading any model
-    mesh = _mesh(args.mesh)
+    from ptm.parallel.spmd import cli_mesh, is_writer  # SPMD: join the cluster; one mesh over every host
+
+    mesh = cli_mesh(args.mesh)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -174,10 +176,11 @@ def run_eval(args) -> int:
             progress=not args.no_progress,
             where=name,
         )
-        print(format_table(name, res), flush=True)
+        if is_writer():
+            print(format_table(name, res), flush=True)
         results.append({"model": name, "kind": kind, **res.to_dict()})
         del params
-    if args.out:
+    if args.out and is_writer():
         out = epath.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"suite": [str(s) for s in args.suite], "results": results}, indent=1))

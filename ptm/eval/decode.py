@@ -73,6 +73,8 @@ class _Compiled:
         def decode(
             params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk
         ):
+            keys = jax.random.wrap_key_data(keys)  # fed as raw uint32 key data (host rows -> global array)
+
             def body(carry, i):
                 cache, logits, pos, done = carry
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step0 + i)
@@ -101,25 +103,25 @@ class _Compiled:
         self._prefill = jax.jit(prefill, static_argnums=4)
         self._decode = jax.jit(decode, static_argnums=11, donate_argnums=1)
         self._loglik = jax.jit(loglik)
+        self._all = jax.jit(jnp.all) if mesh is None else jax.jit(jnp.all, out_shardings=NamedSharding(mesh, P()))
+        self._rows: dict[int, _Rows] = {}
 
     def _ctx(self):
         if self.mesh is None:
             return _NullCtx()
         return _MeshCtx(self.mesh)
 
-    def put(self, x: np.ndarray) -> jax.Array:
-        """Host batch array -> device, batch axis over the data-parallel mesh axes."""
-        if self.mesh is None:
-            return jnp.asarray(x)
-        spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (x.ndim - 1), DEFAULT_RULES)
-        return jax.device_put(x, NamedSharding(self.mesh, P(*spec)))
+    def rows(self, bs: int) -> _Rows:
+        """The rows of a [bs, ...] batch this process feeds and reads (cached per batch size)."""
+        if bs not in self._rows:
+            self._rows[bs] = _Rows(self.mesh, bs)
+        return self._rows[bs]
 
     def prefill(self, params, tokens, positions, segment_ids, cache_len):
+        """Arrays already on the mesh (`_Rows.put`)."""
         self.shapes.add(("prefill", tokens.shape, cache_len))
         with self._ctx():
-            return self._prefill(
-                params, self.put(tokens), self.put(positions), self.put(segment_ids), cache_len
-            )
+            return self._prefill(params, tokens, positions, segment_ids, cache_len)
 
     def decode(
         self, params, cache, logits, pos, cache_index, done, keys, step0, temperature, top_p, eos_id, chunk
@@ -141,12 +143,85 @@ class _Compiled:
                 chunk,
             )
 
+    def all_done(self, done) -> bool:
+        """Every row of the global batch finished (one tiny collective when the batch spans processes)."""
+        with self._ctx():
+            return bool(np.asarray(self._all(done)))
+
     def loglik(self, params, inputs, targets, mask, positions, segment_ids):
         self.shapes.add(("loglik", inputs.shape))
         with self._ctx():
-            return self._loglik(
-                params, *(self.put(a) for a in (inputs, targets, mask, positions, segment_ids))
-            )
+            return self._loglik(params, inputs, targets, mask, positions, segment_ids)
+
+
+class _Rows:
+    """Which rows of a [bs, ...] batch this process owns: those its devices hold under the batch sharding.
+
+    SPMD evaluation: every process builds (pads, positions) and checks stop strings only for its own rows,
+    feeds them with `put` (`make_array_from_callback` asks only for this process's shards), reads back only its
+    own rows (`local`), and `gather` assembles the whole batch in global row order on every process, so every
+    process ends with the same results, equal to one process computing all rows.
+    """
+
+    def __init__(self, mesh: Mesh | None, bs: int):
+        self.mesh, self.bs = mesh, bs
+        self.multi = mesh is not None and jax.process_count() > 1
+        if mesh is None:
+            rows = list(range(bs))
+        else:
+            idx = self.sharding(1).addressable_devices_indices_map((bs,))
+            rows = sorted({r for sl in idx.values() for r in range(*sl[0].indices(bs))})
+        self.rows = np.asarray(rows, np.int64)
+        self.pos = np.full(bs, -1, np.int64)
+        self.pos[self.rows] = np.arange(len(self.rows))
+        self._all_rows = None
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            counts = np.asarray(multihost_utils.process_allgather(np.int64(len(self.rows)))).reshape(-1)
+            if len(set(counts.tolist())) != 1:
+                raise DataError(f"batch of {bs} rows splits unevenly over processes: {counts.tolist()}")
+            self._all_rows = np.asarray(multihost_utils.process_allgather(self.rows)).reshape(-1)
+
+    def sharding(self, ndim: int) -> NamedSharding:
+        spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), DEFAULT_RULES)
+        return NamedSharding(self.mesh, P(*spec))
+
+    def put(self, local: np.ndarray) -> jax.Array:
+        """This process's rows ([len(rows), ...], in `rows` order) -> the global [bs, ...] array on the mesh."""
+        local = np.asarray(local)
+        if self.mesh is None:
+            return jnp.asarray(local)
+        gshape = (self.bs, *local.shape[1:])
+        every = np.arange(self.bs)
+
+        def cb(index):
+            return local[self.pos[every[index[0]]]][(slice(None), *index[1:])]
+
+        return jax.make_array_from_callback(gshape, self.sharding(local.ndim), cb)
+
+    def local(self, arr: jax.Array) -> np.ndarray:
+        """This process's rows of a global batch-sharded array, in `rows` order."""
+        if not self.multi:
+            return np.asarray(arr)[self.rows]
+        out = np.empty((len(self.rows), *arr.shape[1:]), arr.dtype)
+        every = np.arange(self.bs)
+        for s in arr.addressable_shards:
+            out[(self.pos[every[s.index[0]]], *s.index[1:])] = np.asarray(s.data)
+        return out
+
+    def gather(self, local: np.ndarray) -> np.ndarray:
+        """Every process's rows -> the whole [bs, ...] batch in row order, the same on every process."""
+        if not self.multi:
+            out = np.empty((self.bs, *local.shape[1:]), local.dtype)
+            out[self.rows] = local
+            return out
+        from jax.experimental import multihost_utils
+
+        got = np.asarray(multihost_utils.process_allgather(np.ascontiguousarray(local)))
+        out = np.empty((self.bs, *local.shape[1:]), local.dtype)
+        out[self._all_rows] = got.reshape(-1, *local.shape[1:])
+        return out
 
 
 class _NullCtx:
@@ -251,12 +326,15 @@ def generate(
     stops: Sequence[Sequence[str]] | None = None,
     row_ids: Sequence[int] | None = None,
     progress=None,
+    stats: dict | None = None,
 ) -> list[Generation]:
     """Continue each token-id prompt (one Generation per prompt; repeat prompts for several samples).
 
     `stops[i]` adds stop strings for prompt i; `row_ids[i]` (default i) seeds its sampling stream, so the same
     id gives the same sample whatever else is in the batch. Prompts longer than `max_seq_len - max_new_tokens`
-    keep their last tokens.
+    keep their last tokens. With a mesh over several processes every process passes the same arguments, works
+    on its own rows of each batch and returns the same full list; `stats["host_generated_tokens"]` counts the
+    tokens this process generated.
     """
     n = len(prompts)
     if n == 0:
@@ -273,28 +351,31 @@ def generate(
     stops = [tuple(gen.stop) + tuple(s) for s in (stops or [()] * n)]
     order = sorted(range(n), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * n
+    R = fns.rows(bs)
+    local_tokens = 0
     for start in range(0, n, bs):
         idx = order[start : start + bs]
         rows = idx + [idx[0]] * (bs - len(idx))  # fill the last batch with copies: one shape for all batches
+        mine = [rows[r] for r in R.rows]  # this process's rows (all of them for one process)
+        real = R.rows < len(idx)
         plen = _bucket(max(len(prompts[i]) for i in rows), max_prompt)
-        tokens = np.full((bs, plen), tokenizer.pad_id, np.int32)
-        positions = np.zeros((bs, plen), np.int32)
-        segs = np.zeros((bs, plen), np.int32)
-        for r, i in enumerate(rows):  # left padding: all rows share the cache index
+        tokens = np.full((len(mine), plen), tokenizer.pad_id, np.int32)
+        positions = np.zeros((len(mine), plen), np.int32)
+        segs = np.zeros((len(mine), plen), np.int32)
+        for r, i in enumerate(mine):  # left padding: all rows share the cache index
             p = prompts[i]
             tokens[r, plen - len(p) :] = p
             positions[r, plen - len(p) :] = np.arange(len(p))
             segs[r, plen - len(p) :] = 1
         # Cache length is bucketed too, so different max_new_tokens settings often share compiled functions.
         cache_len = _bucket(plen + n_chunks * chunk, plen + n_chunks * chunk)
-        logits, cache = fns.prefill(params, tokens, positions, segs, cache_len)
-        pos = fns.put(np.array([len(prompts[i]) for i in rows], np.int32))
-        done_h = np.zeros(bs, bool)
-        done_h[len(idx) :] = True
-        done = fns.put(done_h)
-        keys = fns.put(_row_keys(gen.seed, row_ids[rows]))
-        out = np.zeros((bs, 0), np.int32)
-        out_lp = np.zeros((bs, 0), np.float32)
+        logits, cache = fns.prefill(params, R.put(tokens), R.put(positions), R.put(segs), cache_len)
+        pos = R.put(np.array([len(prompts[i]) for i in mine], np.int32))
+        done_h = ~real
+        done = R.put(done_h)
+        keys = R.put(np.asarray(jax.random.key_data(_row_keys(gen.seed, row_ids[mine]))))
+        out = np.zeros((len(mine), 0), np.int32)
+        out_lp = np.zeros((len(mine), 0), np.float32)
         for c in range(n_chunks):
             cache, logits, pos, done, toks, lps = fns.decode(
                 params,
@@ -310,27 +391,32 @@ def generate(
                 tokenizer.eos_id,
                 chunk,
             )
-            out = np.concatenate([out, np.asarray(toks)], axis=1)
-            out_lp = np.concatenate([out_lp, np.asarray(lps)], axis=1)
-            done_h = np.asarray(done).copy()
+            out = np.concatenate([out, R.local(toks)], axis=1)
+            out_lp = np.concatenate([out_lp, R.local(lps)], axis=1)
+            done_h = R.local(done).copy()
             if stops and any(stops[i] for i in idx):  # a stop string also finishes a row
-                for r, i in enumerate(idx):
+                for r, i in enumerate(mine):
                     if (
-                        not done_h[r]
+                        real[r]
+                        and not done_h[r]
                         and stops[i]
                         and _finish(out[r], tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer).finish
                         == "stop"
                     ):
                         done_h[r] = True
-            if done_h.all():
+            done = R.put(done_h)
+            if fns.all_done(done) if R.multi else done_h.all():  # one decision for all processes
                 break
-            done = fns.put(done_h)
+        out_all, lp_all = R.gather(out), R.gather(out_lp)
         for r, i in enumerate(idx):
             results[i] = _finish(
-                out[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer, out_lp[r].tolist()
+                out_all[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer, lp_all[r].tolist()
             )
+        local_tokens += sum(len(results[rows[r]].tokens) for r in R.rows if r < len(idx))
         if progress is not None:
             progress.update(len(idx))
+    if stats is not None:
+        stats["host_generated_tokens"] = stats.get("host_generated_tokens", 0) + local_tokens
     return results  # type: ignore[return-value]
 
 
@@ -375,16 +461,18 @@ def loglikelihoods(
         starts.append(max(first - cut, 1))
     order = sorted(range(n), key=lambda i: len(seqs[i]))
     results: list[tuple[float, int, bool] | None] = [None] * n
+    R = fns.rows(bs)
     for start in range(0, n, bs):
         idx = order[start : start + bs]
         rows = idx + [idx[0]] * (bs - len(idx))
+        mine = [rows[r] for r in R.rows]
         slen = _bucket(max(len(seqs[i]) - 1 for i in rows), config.max_seq_len)
-        inputs = np.full((bs, slen), tokenizer.pad_id, np.int32)
-        targets = np.zeros((bs, slen), np.int32)
-        mask = np.zeros((bs, slen), np.float32)
-        positions = np.zeros((bs, slen), np.int32)
-        segs = np.zeros((bs, slen), np.int32)
-        for r, i in enumerate(rows):
+        inputs = np.full((len(mine), slen), tokenizer.pad_id, np.int32)
+        targets = np.zeros((len(mine), slen), np.int32)
+        mask = np.zeros((len(mine), slen), np.float32)
+        positions = np.zeros((len(mine), slen), np.int32)
+        segs = np.zeros((len(mine), slen), np.int32)
+        for r, i in enumerate(mine):
             s = seqs[i]
             m = len(s) - 1
             inputs[r, :m] = s[:-1]
@@ -392,10 +480,11 @@ def loglikelihoods(
             mask[r, starts[i] - 1 : m] = 1.0
             positions[r, :m] = np.arange(m)
             segs[r, :m] = 1
-        ll, greedy = fns.loglik(params, inputs, targets, mask, positions, segs)
-        ll, greedy = np.asarray(ll), np.asarray(greedy)
+        ll, greedy = fns.loglik(params, *(R.put(a) for a in (inputs, targets, mask, positions, segs)))
+        ll, greedy = R.gather(R.local(ll)), R.gather(R.local(greedy))
+        ntok = R.gather(mask.sum(axis=1).astype(np.int64))
         for r, i in enumerate(idx):
-            results[i] = (float(ll[r]), int(mask[r].sum()), bool(greedy[r]))
+            results[i] = (float(ll[r]), int(ntok[r]), bool(greedy[r]))
         if progress is not None:
             progress.update(len(idx))
     return results  # type: ignore[return-value]

@@ -9,17 +9,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ptm.ckpt.params import place_params
 from ptm.data.chat import encode_prompt
 from ptm.data.tokenizers import Tokenizer
-from ptm.errors import CheckpointError, DataError
+from ptm.errors import CheckpointError, ConfigError, DataError
 from ptm.eval import scorers
 from ptm.eval.decode import Generation, GenerationConfig, compiled_for, generate, loglikelihoods
 from ptm.eval.evalset import EvalItem, load_suite
 from ptm.model.config import ModelConfig
+from ptm.parallel.sync import gather_ints
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -37,6 +38,23 @@ def check_vocab(config: ModelConfig, tokenizer: Tokenizer, where: str = "checkpo
             f"(vocab_size={tv}; allowed {tv}..{max(padded, tv)}, i.e. padding to a multiple of "
             f"{VOCAB_PAD_MULTIPLE})"
         )
+
+
+def place_on_mesh(params, config: ModelConfig, mesh: Mesh):
+    """Put a param tree on the mesh with the training shardings. jax Arrays are resharded if needed; numpy
+    leaves (an in-memory merge every process computed in full) are sliced per device, so this also works when
+    the mesh spans processes (each process supplies only its own shards)."""
+    from ptm.model.sharding import param_shardings
+
+    shardings = param_shardings(config, mesh)
+
+    def put(x, sh):
+        if isinstance(x, jax.Array):
+            return x if x.sharding == sh else jax.device_put(x, sh)
+        a = np.asarray(x)
+        return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+
+    return jax.tree.map(put, params, shardings)
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -220,8 +238,10 @@ def evaluate(
     items = list(eval_files) if loaded else load_suite(eval_files)
     _check_tasks(items)
     gen = generation or GenerationConfig(max_new_tokens=max_new_tokens)
+    if mesh is None and jax.process_count() > 1:
+        raise ConfigError("evaluating on several processes needs a mesh over all their devices (--mesh / [mesh])")
     if mesh is not None:
-        params = place_params(params, model_config, mesh)
+        params = place_on_mesh(params, model_config, mesh)
     fns = compiled_for(model_config, mesh, int(tokenizer.vocab_size))
     shapes_before = len(fns.shapes)
     req = _requests(items, tokenizer, gen, choice_eos)  # all work first: each kind runs as one batched stream
@@ -232,8 +252,9 @@ def evaluate(
 
         bar = tqdm(total=len(req.gen_prompts) + len(req.ll_pairs), desc=f"eval {where}", unit="seq", leave=False)
     try:
+        stats: dict[str, int] = {}
         gens = generate(params, model_config, tokenizer, req.gen_prompts, gen, batch_size=batch_size, mesh=mesh,
-                        stops=req.gen_stops, row_ids=req.gen_rows, progress=bar)
+                        stops=req.gen_stops, row_ids=req.gen_rows, progress=bar, stats=stats)
         lls = loglikelihoods(params, model_config, tokenizer, req.ll_pairs, batch_size=batch_size, mesh=mesh,
                              progress=bar)
     finally:
@@ -253,6 +274,8 @@ def evaluate(
         "tasks": len(tasks),
         "generated_sequences": len(req.gen_prompts),
         "generated_tokens": int(sum(len(g.tokens) for g in gens)),
+        # per process (SPMD: each generated only its rows of every batch); sums to generated_tokens
+        "generated_tokens_by_host": [r[0] for r in gather_ints([stats.get("host_generated_tokens", 0)])],
         "loglik_sequences": len(req.ll_pairs),
         "new_compiled_shapes": len(fns.shapes) - shapes_before,
     }

@@ -27,7 +27,9 @@ def run_experiment_cmd(args) -> int:
     from ptm.experiment.config import load
     from ptm.experiment.plan import plan_runs
     from ptm.experiment.runner import Experiment
+    from ptm.parallel import distributed, sync
 
+    distributed.initialize()  # first: on a slice every worker runs this same command (one SPMD program)
     cfg = load(args.config, args.results_dir)
     if args.check:
         print(f"{cfg.source}: ok; results in {cfg.results_dir}")
@@ -35,7 +37,9 @@ def run_experiment_cmd(args) -> int:
             srcs = ", ".join(f"{s.name}[{s.max_examples or 'all'}]" for s in r.sources)
             print(f"  train {r.id:<28} {r.kind:<8} {srcs}  init={r.init}")
         return 0
-    res = Experiment(cfg, progress=args.progress).run()
+    res = Experiment(cfg, progress=args.progress and sync.is_writer()).run()
+    if not sync.is_writer():
+        return 0
     from ptm.experiment.report import headline
 
     print(f"{cfg.results_dir}/tables.md")

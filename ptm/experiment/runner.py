@@ -9,6 +9,15 @@ Every stage is idempotent. A training stage is done when its run dir has `run.js
 training, the stage's spec is written to `<run>/experiment_run.json` and a rerun with a different spec refuses
 to touch the run. Merged models are evaluated in memory (merge_to_tree); every score is cached
 as `scores/<split>/<model>.json` (written atomically) together with a fingerprint of what produced it.
+
+SPMD: on a multi-host slice every worker runs the same `ptm experiment` command (`ptm.parallel.distributed`
+joins the cluster first) and all stages use one global mesh (the `[mesh]` table): training is sharded as in
+`ptm train`, merges are computed shard-locally, evaluation splits every batch's rows over the processes and
+gathers the results (`ptm.eval.decode`), so every process holds the same scores. Decisions that depend on the
+shared results dir (is a run done, is a score cached) are process 0's, broadcast to all (`ptm.parallel.sync`);
+only process 0 writes reports, JSON, CSV, plots and markers, each after a barrier that every process has
+reached at the end of the stage. A dead process makes the others fail fast (heartbeat timeout); relaunching
+the command on every host resumes from the last marker, and a training stage from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from ptm.errors import ConfigError, DataError
 from ptm.experiment import costs as C
 from ptm.experiment.config import ExperimentConfig
 from ptm.experiment.plan import ModelSpec, RunSpec, plan_models, plan_runs
+from ptm.parallel import sync
 
 SPLITS = ("validation", "test")
 
@@ -76,6 +86,9 @@ class Experiment:
 
     def run(self) -> dict[str, Any]:
         t0, c0 = time.perf_counter(), time.process_time()
+        from ptm.parallel import distributed
+
+        distributed.initialize()  # before anything touches jax devices: one SPMD program on every host
         os.makedirs(self.out, exist_ok=True)
         self._setup_jax()
         self._write_config()
@@ -91,11 +104,14 @@ class Experiment:
             **self.timings,
             "total": {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0},
         }
-        report.write_report(results, self.out)
-        self.say(
-            f"[experiment {self.cfg.name}] report: {os.path.join(self.out, 'tables.md')} "
-            f"({time.perf_counter() - t0:.1f} s)"
-        )
+        sync.barrier("report/start")
+        if sync.is_writer():
+            report.write_report(results, self.out)
+            self.say(
+                f"[experiment {self.cfg.name}] report: {os.path.join(self.out, 'tables.md')} "
+                f"({time.perf_counter() - t0:.1f} s)"
+            )
+        sync.barrier("report/done")  # every host returns once the report exists
         return results
 
     @contextlib.contextmanager
@@ -133,7 +149,9 @@ class Experiment:
 
             suite_dir = os.path.join(self.out, "suite")
             with self._timed("suite"):
-                generate_suite(suite_dir, seed=cfg.suite.seed, sizes=cfg.suite.sizes or None)
+                if sync.is_writer():  # one writer; the others wait for it
+                    generate_suite(suite_dir, seed=cfg.suite.seed, sizes=cfg.suite.sizes or None)
+                sync.stage_done("suite")
             self.say(f"[experiment {cfg.name}] toy suite ready: {suite_dir}")
         missing = []
         for r in self.runs:
@@ -171,22 +189,35 @@ class Experiment:
         cfg, d = self.cfg, self.run_dir(r.id)
         spec = self._run_fingerprint(r)
         spec_file = os.path.join(d, "experiment_run.json")
-        if os.path.exists(spec_file):
-            old = _read_json(spec_file)
+        # Process 0 reads the shared results dir; every process acts on what it saw.
+        seen = sync.broadcast_json(
+            f"train/{r.id}",
+            {
+                "old": _read_json(spec_file) if os.path.exists(spec_file) else None,
+                "done": _try_json(os.path.join(d, "run.json")),  # unreadable (killed while writing): not done
+            }
+            if sync.is_writer()
+            else None,
+        )
+        if seen["old"] is not None:
+            old = seen["old"]
+            spec = json.loads(json.dumps(spec, default=str))
             if old != spec:
                 diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
                 raise ConfigError(
                     f"{d}: this run was trained with different settings ({', '.join(diff)}); "
                     "use another results_dir or delete the run"
                 )
-        done = _try_json(os.path.join(d, "run.json"))  # unreadable (killed while writing): not done
+        done = seen["done"]
         tag = f"[experiment {cfg.name}] ({i}/{n}) train {r.id}"
         if done and done.get("complete"):
             self.run_costs[r.id] = C.RunCost.from_run_json(done, os.path.join(d, "run.json"))
             self.say(f"{tag}: done before, reused ({self.run_costs[r.id].steps} steps)")
             return
-        os.makedirs(d, exist_ok=True)
+        if sync.is_writer():
+            os.makedirs(d, exist_ok=True)
         _write_json(spec_file, spec)
+        sync.barrier(f"train/{r.id}/spec")
         from ptm.data.pipeline import DataConfig, SourceConfig
         from ptm.train.loop import train
         from ptm.train.optimizer import OptimizerConfig
@@ -221,6 +252,7 @@ class Experiment:
                 seed=cfg.train.seed,
                 progress=self.progress,
             )
+            sync.stage_done(f"train/{r.id}")  # run.json (process 0, in train) is visible to every host now
         done = _read_json(os.path.join(d, "run.json"))
         self.run_costs[r.id] = C.RunCost.from_run_json(done, os.path.join(d, "run.json"))
         self.say(
@@ -320,7 +352,7 @@ class Experiment:
         items = self._eval_items(split, tasks)
         fp = self._fingerprint(m, tasks, len(items))
         path = os.path.join(self.out, "scores", split, f"{mid}.json")
-        cached = _try_json(path)
+        cached = sync.broadcast_json(f"score/{split}/{mid}", _try_json(path) if sync.is_writer() else None)
         if cached is not None:
             if cached.get("fingerprint") == fp and cached.get("complete"):
                 self.scores[split][mid] = cached
@@ -350,6 +382,8 @@ class Experiment:
             "examples": {k: v.examples for k, v in res.tasks.items()},
             "elapsed_s": time.perf_counter() - t,
         }
+        rec = json.loads(json.dumps(rec, default=str))  # what the cache would give back
+        sync.barrier(f"score/{split}/{mid}")  # every process has the (gathered, identical) scores
         _write_json(path, rec)
         self.scores[split][mid] = rec
         self.say(
@@ -444,12 +478,8 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    """Atomic: a crash leaves the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    """Process 0 only, atomic: a crash leaves the old file or the new one, never half of one (local or gs://)."""
+    sync.write_json(path, obj)
 
 
 def run_experiment(

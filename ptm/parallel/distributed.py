@@ -26,6 +26,10 @@ ENV_COORDINATOR = "PTM_COORDINATOR"
 ENV_NUM_PROCESSES = "PTM_NUM_PROCESSES"
 ENV_PROCESS_ID = "PTM_PROCESS_ID"
 ENV_TPU_VM = "PTM_TPU_VM"  # "1" forces, "0" disables TPU VM auto-detection
+# Seconds without heartbeats after which the coordination service declares a process dead and aborts all the
+# others (fail fast after a SIGKILL or preemption instead of hanging in the next collective).
+ENV_HEARTBEAT_TIMEOUT = "PTM_HEARTBEAT_TIMEOUT"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def initialize(
         if not on_tpu_vm():
             return _info("single")
         _check_not_started("a TPU VM slice")
-        jax.distributed.initialize(initialization_timeout=timeout_s)
+        jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=_heartbeat_s())
         return _info("tpu-vm")
 
     if num_processes == 1 and not coordinator_address:
@@ -130,8 +134,16 @@ def initialize(
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=timeout_s,
+        heartbeat_timeout_seconds=_heartbeat_s(),
     )
     return _info("explicit")
+
+
+def _heartbeat_s() -> int:
+    v = _env_int(ENV_HEARTBEAT_TIMEOUT)
+    if v is not None and v < 1:
+        raise ConfigError(f"{ENV_HEARTBEAT_TIMEOUT}={v} must be >= 1 second")
+    return DEFAULT_HEARTBEAT_TIMEOUT_S if v is None else v
 
 
 def _cpu_only() -> bool:
@@ -155,8 +167,7 @@ def shutdown() -> None:
 
 
 def sync(name: str) -> None:
-    """Barrier across processes (no-op for one); use around filesystem steps that every host must see."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    """Barrier across processes (no-op for one) with a timeout; use around filesystem steps every host must see."""
+    from ptm.parallel.sync import barrier
 
-        multihost_utils.sync_global_devices(name)
+    barrier(name)

@@ -36,24 +36,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--budget-seconds", type=float, help="wall-clock budget in seconds (per Pareto point)")
     r.add_argument("--seed", type=int)
     r.add_argument("--out", required=True, help="output dir (resumes from its search_log.jsonl)")
-    r.add_argument("--mesh", action="store_true", help="keep the pool sharded over all devices (fsdp mesh)")
+    r.add_argument("--mesh", nargs="?", const="1,-1,1", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="keep the pool sharded over a mesh of all devices (bare --mesh: 1,-1,1; overrides the "
+                   "config's [mesh]); on several processes a mesh is always used")
     r.add_argument("--no-baselines", action="store_true")
     r.set_defaults(func=_run_cmd)
 
 
 def _build_pool_cmd(args: argparse.Namespace) -> int:
-    from ptm.toy.pool import build_pool
+    from ptm.parallel import distributed, sync
+    from ptm.toy.pool import build_pool, load_pool_config
+    from ptm.toy.suite import generate_suite
 
+    distributed.initialize()  # SPMD: every host trains every member together (ptm.train.loop is multi-host)
+    if sync.process_count() > 1:  # one writer of the suite; build_pool then finds it complete and reuses it
+        if sync.is_writer():
+            from pathlib import Path
+
+            cfg = load_pool_config(args.config)
+            generate_suite(Path(args.out) / "suite", seed=int(cfg["suite"].get("seed", 0)),
+                           sizes=cfg["suite"].get("sizes"))
+        sync.barrier("build-pool/suite")
     pool = build_pool(args.config, args.out)
-    print(json.dumps({"base": pool["base"], "members": pool["members"], "suite": pool["suite"]}, indent=1))
+    sync.barrier("build-pool/done")
+    if sync.is_writer():
+        print(json.dumps({"base": pool["base"], "members": pool["members"], "suite": pool["suite"]}, indent=1))
     return 0
 
 
 def _run_cmd(args: argparse.Namespace) -> int:
+    from ptm.parallel import distributed, sync
     from ptm.search.config import SearchConfig
     from ptm.search.objective import parse_objective
     from ptm.search.study import run
 
+    distributed.initialize()  # before anything touches jax devices; every host runs the same study
     cfg = SearchConfig.from_toml(args.config) if args.config else SearchConfig()
     objectives = [parse_objective(o) for o in args.objective] if args.objective else None
     cfg = cfg.with_overrides(pool=args.pool, base=args.base, val=args.val, test=args.test,
@@ -61,8 +78,14 @@ def _run_cmd(args: argparse.Namespace) -> int:
                              space=args.space, layer_groups=args.layer_groups, budget_evals=args.budget_evals,
                              budget_seconds=args.budget_seconds, seed=args.seed,
                              baselines=False if args.no_baselines else None)
-    summary = run(cfg, args.out, use_mesh=args.mesh)
-    print(json.dumps(summary["headline"], indent=1))
+    if args.mesh is not None:
+        from ptm.parallel.spmd import parse_mesh_spec
+
+        m = parse_mesh_spec(args.mesh)
+        cfg = cfg.with_overrides(mesh={"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor})
+    summary = run(cfg, args.out, use_mesh=args.mesh is not None, progress=sync.is_writer())
+    if sync.is_writer():
+        print(json.dumps(summary["headline"], indent=1))
     return 0
 
 

@@ -36,6 +36,22 @@ class SearchConfig:
     eval_batch_size: int = 64
     max_new_tokens: int = 48
     max_items_per_task: int | None = None
+    # [mesh] table: data/fsdp/tensor sizes (-1 = the remaining devices) of the one global mesh the pool and the
+    # evaluation use; None = no mesh for one process, data=1 x fsdp=all devices on several processes.
+    mesh: dict[str, int] | None = None
+
+    def mesh_config(self):
+        from ptm.parallel.mesh import MeshConfig
+
+        if self.mesh is None:
+            return MeshConfig(data=1, fsdp=-1, tensor=1)
+        bad = set(self.mesh) - {"data", "fsdp", "tensor"}
+        if bad:
+            raise ConfigError(f"[mesh]: unknown key(s) {sorted(bad)} (known: data, fsdp, tensor)")
+        try:
+            return MeshConfig(**{k: int(v) for k, v in self.mesh.items()})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"[mesh]: {e}") from e
 
     @classmethod
     def from_toml(cls, path: str) -> SearchConfig:
@@ -95,7 +111,7 @@ class SearchConfig:
     def header(self) -> dict[str, Any]:
         """What must not change across a resume (budgets may grow)."""
         d = asdict(self)
-        for k in ("budget_evals", "budget_seconds", "eval_batch_size"):
+        for k in ("budget_evals", "budget_seconds", "eval_batch_size", "mesh"):
             d.pop(k)
         d["objectives"] = [{"name": o.name, "weights": o.weights} for o in self.objectives]
         d["tv_bounds"] = list(self.tv_bounds)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ptm.parallel import sync
 from ptm.search import plots
 from ptm.search.cma import LOG_NAME, SearchLog, SearchResult, cma_search
 from ptm.search.config import SearchConfig
@@ -29,6 +30,17 @@ from ptm.search.space import Space
 NONTRIVIAL = 0.05  # a pool member "counts" in a simplex merge when its weight is at least this
 
 # ------------------------------------------------------------------------------------------- harness adapter
+
+
+class _HostLog(SearchLog):
+    """The search log on every process; only process 0 appends to the file (the others keep records in memory:
+    every process evaluates the same candidates and gets the same, gathered, scores)."""
+
+    def append(self, rec: dict[str, Any]) -> None:
+        if sync.is_writer():
+            super().append(rec)
+        else:
+            self.records.append(rec)
 
 
 class Evaluator:
@@ -109,13 +121,18 @@ class Study:
 
         self.say = log_fn or (lambda s: print(s, file=sys.stderr, flush=True))
         cfg.validate()
+        from ptm.parallel import distributed
+
+        distributed.initialize()  # SPMD: every host runs the same study over one global mesh
+        import jax
+
         os.makedirs(out_dir, exist_ok=True)
         self.cfg, self.out_dir = cfg, out_dir
         self.mesh = None
-        if use_mesh:
-            from ptm.parallel.mesh import MeshConfig, make_mesh
+        if use_mesh or cfg.mesh is not None or jax.process_count() > 1:
+            from ptm.parallel.mesh import make_mesh
 
-            self.mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1))
+            self.mesh = make_mesh(cfg.mesh_config())
         t_load = time.perf_counter()
         pool = self.pool = Pool(cfg.pool, cfg.base, self.mesh)
         model_config = pool.model_config()
@@ -130,7 +147,12 @@ class Study:
         self.val = Evaluator(cfg.val, tasks, model_config, tok, self.mesh, cfg, self.objs)
         self.test = Evaluator(cfg.test, tasks, model_config, tok, self.mesh, cfg, self.objs)
         self.header = {**cfg.header(), "pool": pool.members, "base": pool.base}
-        self.log = SearchLog(os.path.join(out_dir, LOG_NAME), self.header)
+        # Process 0 repairs a torn last line and writes the header; the others read the log after it.
+        if sync.is_writer():
+            self.log = _HostLog(os.path.join(out_dir, LOG_NAME), self.header)
+        sync.barrier("search/log")
+        if not sync.is_writer():
+            self.log = _HostLog(os.path.join(out_dir, LOG_NAME), self.header)
         self.primary = self.objs[0] if len(self.objs) == 1 else Objective({t: 1.0 for t in sorted(tasks)}, "mean")
         self.baselines: dict[str, dict[str, Any]] = {r["name"]: r for r in self.log.of("baseline")}
         self.engine_recipes = self._engine_recipes()
@@ -206,6 +228,11 @@ class Study:
     def search(self, progress: bool = True) -> list[tuple[tuple[float, ...], SearchResult]]:
         """One CMA-ES search, or one per Pareto sweep point (seed + p)."""
         cfg, objs = self.cfg, self.objs
+        if cfg.budget_seconds is not None and sync.process_count() > 1:
+            from ptm.errors import ConfigError
+
+            raise ConfigError("budget_seconds is measured per process and could stop the processes at different "
+                              "candidates; on several processes give budget_evals instead")
         sweeps = [(1.0,)] if len(objs) == 1 else sweep_weights(len(objs), cfg.pareto_points)
         results = []
         for p, lams in enumerate(sweeps):
@@ -226,7 +253,16 @@ class Study:
         best_rec = max(self.log.of("candidate"), key=lambda r: self.primary(r["info"]["scores"]))
         best_w = np.asarray(best_rec["weights"])
         best_dir = os.path.join(self.out_dir, "best")
-        engine.merge(self.pool.recipe(best_w, self.space, best_dir), progress=False, overwrite=True)
+        mesh = None
+        import jax
+
+        if jax.process_count() > 1:  # every process writes its shards of each tensor, process 0 commits
+            from jax.sharding import Mesh
+
+            mesh = Mesh(np.array(jax.devices()), ("shard",))
+        sync.barrier("search/best/start")
+        engine.merge(self.pool.recipe(best_w, self.space, best_dir), progress=False, overwrite=True, mesh=mesh)
+        sync.stage_done("search/best")
         return best_rec, best_w, best_dir
 
     def chosen_baselines(self) -> dict[str, dict[str, Any]]:
@@ -317,9 +353,12 @@ def run(cfg: SearchConfig, out_dir: str, *, use_mesh: bool = False, progress: bo
     summary = st.summary(results, best_rec, best_w, best_dir, chosen, test_scores, members_test)
     cands = st.log.of("candidate")
     if len(st.objs) > 1:
-        summary["pareto"] = st.pareto(results)
-        plots.plot_front(summary, cands, st.baselines, st.objs, os.path.join(out_dir, "pareto_front.png"))
-    plots.plot_convergence(cands, st.baselines, st.primary, os.path.join(out_dir, "convergence.png"))
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, sort_keys=True)
+        summary["pareto"] = st.pareto(results)  # evaluates on every process
+    sync.barrier("search/report/start")
+    if sync.is_writer():  # one writer for the plots and the summary
+        if len(st.objs) > 1:
+            plots.plot_front(summary, cands, st.baselines, st.objs, os.path.join(out_dir, "pareto_front.png"))
+        plots.plot_convergence(cands, st.baselines, st.primary, os.path.join(out_dir, "convergence.png"))
+        sync.write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, sort_keys=True))
+    sync.barrier("search/report/done")
     return summary

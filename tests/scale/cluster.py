@@ -79,3 +79,70 @@ def run_cluster(
         )
         raise AssertionError(f"cluster run {scenario!r} failed:\n{logs}")
     return [dict(np.load(out / f"result_{pid}.npz")) for pid in range(num_processes)]
+
+
+def start_cli(
+    args: list[str],
+    logs: Path,
+    *,
+    num_processes: int = 2,
+    devices_per_process: int = 4,
+    env_extra: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> list[subprocess.Popen]:
+    """Start `python -m ptm.cli ARGS` as one SPMD program of `num_processes` processes on localhost (the same
+    command line in every process, the cluster from PTM_* variables, as tools/launch_tpu.py does on a slice).
+    Each process logs to `logs`_<pid>.txt."""
+    port = free_port()
+    procs = []
+    for pid in range(num_processes):
+        env = dict(os.environ)
+        env.update(
+            {
+                "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+                "PTM_COORDINATOR": f"127.0.0.1:{port}",
+                "PTM_NUM_PROCESSES": str(num_processes),
+                "PTM_PROCESS_ID": str(pid),
+                "PTM_HEARTBEAT_TIMEOUT": "10",
+                "PYTHONUNBUFFERED": "1",
+                **(env_extra or {}),
+            }
+        )
+        if num_processes == 1:
+            for k in ("PTM_COORDINATOR", "PTM_NUM_PROCESSES", "PTM_PROCESS_ID"):
+                env.pop(k)
+        log = open(f"{logs}_{pid}.txt", "w")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "ptm.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd
+            )
+        )
+        log.close()
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float) -> None:
+    """Wait for every process; on a failure or timeout kill the rest and raise with the logs' tails."""
+    failed = []
+    try:
+        for pid, p in enumerate(procs):
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            if rc != 0:
+                failed.append((pid, rc))
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if failed:
+        tails = "\n".join(
+            f"--- process {pid} (rc={rc}) ---\n" + Path(f"{logs}_{i}.txt").read_text()[-4000:]
+            for pid, rc in failed
+            for i in range(len(procs))
+        )
+        raise AssertionError(f"cluster command failed:\n{tails}")

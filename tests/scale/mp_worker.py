@@ -233,6 +233,44 @@ def loop(out: str, data_path: str, run_dir: str) -> dict:
     }
 
 
+@scenario
+def decode(out: str) -> dict:
+    """SPMD generation and log-likelihoods on a random tiny model: each process feeds only its rows of each
+    batch; the gathered results (the same on every process) are returned."""
+    import jax
+
+    from ptm.data.tokenizers import load_tokenizer
+    from ptm.eval.decode import GenerationConfig, generate, loglikelihoods
+    from ptm.eval.harness import place_on_mesh
+    from ptm.model.config import ModelConfig
+    from ptm.model.llama import abstract_params
+    from ptm.parallel.mesh import MeshConfig, make_mesh
+
+    cfg = ModelConfig(vocab_size=384, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64, dtype="float32", max_seq_len=64)
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(np.float32), abstract_params(cfg))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=1))
+    params = place_on_mesh(params, cfg, mesh)
+    tok = load_tokenizer("byte")
+    prompts = [list(rng.integers(3, 250, size=int(n))) for n in rng.integers(2, 20, size=13)]
+    stats: dict = {}
+    gens = generate(params, cfg, tok, prompts, GenerationConfig(max_new_tokens=12, chunk=4), batch_size=8,
+                    mesh=mesh, stops=[("a",) if i % 3 == 0 else () for i in range(13)], stats=stats)
+    pairs = [(p[:-3], p[-3:]) for p in prompts if len(p) > 4]
+    lls = loglikelihoods(params, cfg, tok, pairs, batch_size=8, mesh=mesh)
+    width = max(len(g.tokens) for g in gens)
+    return {
+        "tokens": np.array([g.tokens + [-1] * (width - len(g.tokens)) for g in gens]),
+        "logprobs": np.array([g.logprobs + [0.0] * (width - len(g.logprobs)) for g in gens], np.float32),
+        "finish": np.array([g.finish for g in gens]),
+        "ll": np.array([x[0] for x in lls]),
+        "ll_n": np.array([x[1] for x in lls]),
+        "ll_greedy": np.array([x[2] for x in lls]),
+        "host_tokens": np.asarray(stats["host_generated_tokens"]),
+    }
+
+
 def main(argv: list[str]) -> int:
     name, out = argv[0], argv[1]
     info = distributed.initialize()

@@ -197,3 +197,35 @@ def test_source_tarball_has_code_and_gin_files(tmp_path):
     names = tarfile.open(tar).getnames()
     assert "pyproject.toml" in names and "ptm/cli.py" in names and "ptm/gin/meshes/v3-32.gin" in names
     assert not any(".venv" in n or "__pycache__" in n for n in names)
+
+
+def test_dry_run_prints_every_workers_spmd_command():
+    p = subprocess.run(
+        [sys.executable, str(TOOL), "run", "--name", "t", "--zone", "z", "--accelerator", "v3-32", "--dry-run",
+         "--assume-state", "READY", "--assume-installed", "--", "ptm", "experiment",
+         "configs/experiments/full.toml", "--results-dir", "/mnt/shared/full"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    workers = [ln for ln in p.stdout.splitlines() if ln.startswith("worker ")]
+    assert [ln.split(":")[0] for ln in workers] == [f"worker {i}/4" for i in range(4)]
+    cmds = {ln.split(": ", 1)[1] for ln in workers}
+    assert len(cmds) == 1 and "~/ptm-venv/bin/ptm experiment configs/experiments/full.toml" in cmds.pop()
+    assert "--worker=all" in [ln for ln in p.stdout.splitlines() if ln.startswith("+ ")][-1]
+
+
+def test_spmd_command_on_one_worker_of_a_multihost_slice_is_refused():
+    p = subprocess.run(
+        [sys.executable, str(TOOL), "run", "--name", "t", "--zone", "z", "--accelerator", "v3-128", "--dry-run",
+         "--worker", "0", "--", "ptm", "eval", "ckpt", "--suite", "s"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert p.returncode != 0 and "--worker=all" in p.stderr
+
+
+def test_hosts_of_slice_types():
+    sys.path.insert(0, str(TOOL.parent))
+    import launch_tpu
+
+    assert [launch_tpu.hosts_of(a) for a in ("v3-8", "v3-32", "v3-128", "v4-16", "v5litepod-8", "v5litepod-16")] \
+        == [1, 4, 16, 2, 1, 4]

@@ -146,6 +146,16 @@ def test_training_loop_two_processes_resumes_and_matches_one(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
 
 
+def test_generate_and_loglik_two_processes_equal_one_bit_for_bit(tmp_path):
+    two = run_cluster("decode", tmp_path / "two")
+    one = run_cluster("decode", tmp_path / "one", num_processes=1, devices_per_process=8)[0]
+    for r in two:
+        for k in ("tokens", "logprobs", "finish", "ll", "ll_n", "ll_greedy"):
+            np.testing.assert_array_equal(r[k], one[k], err_msg=k)
+    shares = [int(r["host_tokens"]) for r in two]
+    assert sum(shares) == int(one["host_tokens"]) and min(shares) > 0
+
+
 def test_single_process_is_a_noop(monkeypatch):
     for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         monkeypatch.delenv(k, raising=False)
