@@ -73,9 +73,10 @@ class DataConfig:
 
     def __post_init__(self):
         if self.mixture_or_task_name:
-            if self.sources:
+            implied = [SourceConfig(f"seqio:{self.mixture_or_task_name}")]
+            if self.sources and list(self.sources) != implied:  # (dataclasses.replace passes both back in)
                 raise ConfigError("set DataConfig.mixture_or_task_name or DataConfig.sources, not both")
-            self.sources = [SourceConfig(f"seqio:{self.mixture_or_task_name}")]
+            self.sources = implied
 
 
 @dataclass

@@ -217,3 +217,14 @@ def test_validation_split_as_eval_items(tmp_path):
     assert items[0].reference == seqio_tasks.PREFIX_PAIRS[0][1]
     ppl = eval_records("seqio:ptm_lm", "validation", scorer="perplexity", max_items=3)
     assert [r["reference"] for r in ppl] == seqio_tasks.LM_DOCS[:3] and ppl[0]["messages"] == []
+
+
+def test_config_mixture_or_task_name_and_num_steps(tmp_path):
+    cfg = DataConfig(mixture_or_task_name="ptm_lm")
+    assert cfg.sources == [SourceConfig("seqio:ptm_lm")]
+    assert dataclasses.replace(cfg, seed=1).sources == cfg.sources
+    with pytest.raises(ConfigError, match="not both"):
+        DataConfig(mixture_or_task_name="ptm_lm", sources=[SourceConfig("a.jsonl")])
+    path = write_jsonl(tmp_path / "c.jsonl", seqio_tasks.chat_records(4))
+    with pytest.raises(ConfigError, match="num_steps applies to seqio LM sources only"):
+        build_train_data(DataConfig(sources=[SourceConfig(path)], num_steps=3), ByteTokenizer())
