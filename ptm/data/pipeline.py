@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -63,6 +63,20 @@ class DataConfig:
     shuffle: bool = True
     pack: bool = True
     num_epochs: int = 1
+    # seqio sources (`seqio:NAME`, docs/data.md); JSONL/Parquet sources ignore these.
+    seqio_modules: Sequence[str] = ()  # modules registering the Tasks/Mixtures (t5x MIXTURE_OR_TASK_MODULE)
+    mixture_or_task_name: str | None = None  # t5x MIXTURE_OR_TASK_NAME: same as sources=[SourceConfig('seqio:N')]
+    task_feature_lengths: Mapping[str, int] | None = None  # t5x TASK_FEATURE_LENGTHS (LM sources)
+    split: str = "train"
+    use_cached: bool = False  # t5x USE_CACHED_TASKS
+    num_steps: int | None = None  # t5x TRAIN_STEPS: repeat a seqio LM source and take this many batches
+
+    def __post_init__(self):
+        if self.mixture_or_task_name:
+            implied = [SourceConfig(f"seqio:{self.mixture_or_task_name}")]
+            if self.sources and list(self.sources) != implied:  # (dataclasses.replace passes both back in)
+                raise ConfigError("set DataConfig.mixture_or_task_name or DataConfig.sources, not both")
+            self.sources = implied
 
 
 @dataclass
@@ -139,6 +153,29 @@ def _validate(config: DataConfig, process_count: int, process_index: int) -> Non
             raise ConfigError(f"source {s.label}: epochs and rate must be > 0, got {s.epochs}, {s.rate}")
         if s.subset_seed < 0:
             raise ConfigError(f"source {s.label}: subset_seed must be >= 0")
+    if config.num_steps is not None and config.num_steps < 1:
+        raise ConfigError(f"DataConfig.num_steps must be >= 1, got {config.num_steps}")
+
+
+def _seqio_kinds(config: DataConfig) -> dict[str, str]:
+    """path -> 'lm' | 'chat' for the `seqio:` sources (imports seqio and the task modules only if any)."""
+    paths = [s.path for s in config.sources if str(s.path).startswith("seqio:")]
+    if not paths:
+        if config.num_steps is not None:
+            raise ConfigError("DataConfig.num_steps applies to seqio LM sources only (JSONL runs take whole epochs)")
+        return {}
+    from ptm.data import seqio_source
+
+    seqio_source.import_modules(config.seqio_modules)
+    return {p: seqio_source.kind(seqio_source.task_name(p)) for p in paths}
+
+
+def _read(src: SourceConfig, config: DataConfig) -> list:
+    if str(src.path).startswith("seqio:"):
+        from ptm.data import seqio_source
+
+        return seqio_source.read_chat_examples(src.path, config.split, config.use_cached)
+    return read_examples(src.path)
 
 
 def _subset(n: int, src: SourceConfig) -> np.ndarray:
@@ -157,7 +194,7 @@ def _tokenize(config: DataConfig, tokenizer: Tokenizer, stats: DataStats) -> _Po
     ranges: list[tuple[int, int]] = []
     limit = config.seq_len + 1  # ids; an example of k ids fills k - 1 positions
     for src in config.sources:
-        records = read_examples(src.path)
+        records = _read(src, config)
         chosen = _subset(len(records), src)
         s = {"path": src.path, "read": len(records), "subset": len(chosen), "examples": 0, "skipped": 0,
              "truncated": 0, "dropped": 0}
@@ -328,6 +365,14 @@ def build_train_data(config: DataConfig, tokenizer: Tokenizer, *, process_index:
     `grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an Orbax `Composite`.
     """
     _validate(config, process_count, process_index)
+    if "lm" in _seqio_kinds(config).values():
+        from ptm.data import seqio_source
+
+        return seqio_source.build_lm_train_data(
+            config, tokenizer, process_index=process_index, process_count=process_count,
+            stats=DataStats(seq_len=config.seq_len, global_batch_size=config.global_batch_size))
+    if config.num_steps is not None:
+        raise ConfigError("DataConfig.num_steps applies to seqio LM sources only (chat data takes whole epochs)")
     plan, stats = _plan(config, tokenizer)
     ds = grain.MapDataset.range(plan.num_batches).map(_maker(plan, config, tokenizer, process_index,
                                                              process_count))
@@ -342,6 +387,8 @@ def build_eval_batches(config: DataConfig, tokenizer: Tokenizer, *, process_inde
         config, shuffle=False, num_epochs=1,
         sources=[dataclasses.replace(s, epochs=1.0, rate=1.0) for s in config.sources])
     _validate(cfg, process_count, process_index)
+    if "lm" in _seqio_kinds(cfg).values():
+        raise ConfigError("held-out batches from a seqio LM source are not supported; use a chat Task or JSONL")
     plan, stats = _plan(cfg, tokenizer)
     make = _maker(plan, cfg, tokenizer, process_index, process_count)
     return [make(i) for i in range(plan.num_batches)], stats

@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable; searched in gin/)")
     p.add_argument("--run_dir", help="shorthand for --gin.train.run_dir='...'")
     p.add_argument("--print_config", action="store_true", help="print the operative config and exit")
+    p.add_argument("--seqio_module", action="append", default=[], metavar="MODULE",
+                   help="Python module registering seqio Tasks/Mixtures, imported before training (repeatable; "
+                   "needs the `seqio` extra; same as DataConfig.seqio_modules)")
     p.set_defaults(func=run, _accepts_gin=True)
 
 
@@ -35,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
         )
     config.parse(args.gin_file, bindings)
     configured = gin.get_configurable("train")
+    if args.seqio_module:
+        from ptm.data.seqio_source import import_modules
+
+        import_modules(args.seqio_module)
     if args.print_config:
         print(gin.config_str())
         return 0
