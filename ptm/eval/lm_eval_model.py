@@ -31,6 +31,7 @@ print or write results (`ptm eval` does that). See docs/eval.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -476,6 +477,37 @@ def task_manager(include: Sequence[str], tasks: Sequence[str]):
     return TaskManager(include_path=list(include) or None)
 
 
+@contextlib.contextmanager
+def _light_env_info():
+    """lm-eval records its environment with torch's collect_env when torch is importable, which runs `pip list`
+    and more (~1.3 s per call here, most of lm-eval's own time on a small suite); record versions only."""
+    import lm_eval.evaluator as ev
+
+    orig = getattr(ev, "add_env_info", None)
+    if orig is None:
+        yield
+        return
+
+    def light(storage: dict) -> None:
+        import importlib.metadata as md
+
+        def ver(name):
+            try:
+                return md.version(name)
+            except md.PackageNotFoundError:
+                return "N/A"
+
+        storage.update({"pretty_env_info": "not collected (ptm: torch.utils.collect_env skipped)",
+                        "transformers_version": ver("transformers"), "lm_eval_version": ver("lm_eval"),
+                        "upper_git_hash": None, "ptm_jax_version": ver("jax")})
+
+    ev.add_env_info = light
+    try:
+        yield
+    finally:
+        ev.add_env_info = orig
+
+
 def simple_evaluate(lm: PtmLM, tasks: Sequence[str], *, include: Sequence[str] = (), data: str | None = None,
                     num_fewshot: int | None = None, apply_chat_template: bool = False, limit: int | float | None = None,
                     allow_code_execution: bool = False, log_samples: bool = False, seed: int = 0,
@@ -496,11 +528,13 @@ def simple_evaluate(lm: PtmLM, tasks: Sequence[str], *, include: Sequence[str] =
                               + ("" if include else " (local task YAMLs need --lm-eval-include DIR)"))
         t0 = time.perf_counter()
         try:
-            res = lm_eval.simple_evaluate(
-                model=lm, tasks=list(tasks), task_manager=tm, num_fewshot=num_fewshot,
-                apply_chat_template=apply_chat_template, limit=limit, confirm_run_unsafe_code=allow_code_execution,
-                log_samples=log_samples, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs)
+            with _light_env_info():
+                res = lm_eval.simple_evaluate(
+                    model=lm, tasks=list(tasks), task_manager=tm, num_fewshot=num_fewshot,
+                    apply_chat_template=apply_chat_template, limit=limit,
+                    confirm_run_unsafe_code=allow_code_execution, log_samples=log_samples, random_seed=seed,
+                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                    bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs)
         except FileNotFoundError as e:
             if _UNSET in str(e):
                 raise ConfigError(f"{e}\n(a task's data_files uses ${{{DATA_ENV}}}: pass --lm-eval-data DIR or "
@@ -520,6 +554,57 @@ def headline(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     for task, ms in (results.get("results") or {}).items():
         out[task] = {k.split(",")[0]: float(v) for k, v in ms.items()
                      if isinstance(v, int | float) and not isinstance(v, bool) and "_stderr" not in k}
+    return out
+
+
+# -------------------------------------------------------------------------------------- hook for experiments
+
+SPEC_PREFIX = "lm_eval:"
+METRIC_PREFERENCE = ("acc", "exact_match", "acc_norm", "mc2", "f1", "pass@1", "bleu")
+
+
+def parse_task_spec(spec: str) -> tuple[str, str | None]:
+    """`lm_eval:TASK` or `lm_eval:TASK:METRIC[,FILTER]` -> (task, metric key or None = the default)."""
+    if not spec.startswith(SPEC_PREFIX):
+        raise ConfigError(f"{spec!r} is not an lm-eval task spec ({SPEC_PREFIX}TASK[:METRIC])")
+    task, _, metric = spec[len(SPEC_PREFIX):].partition(":")
+    if not task:
+        raise ConfigError(f"{spec!r}: no task name")
+    return task, metric or None
+
+
+def pick_metric(task_metrics: dict[str, float], metric: str | None) -> tuple[str, float]:
+    """The headline (name, value) of one task's lm-eval metrics (keys like "acc,none" or "exact_match,strict-match")."""
+    if metric:
+        key = metric if "," in metric else f"{metric},none"
+        cands = [k for k in task_metrics if k == key or (k.split(",")[0] == metric and "," not in metric)]
+        if not cands:
+            raise ConfigError(f"metric {metric!r} not in {sorted(task_metrics)}")
+        return cands[0], float(task_metrics[cands[0]])
+    for m in METRIC_PREFERENCE:
+        for k, v in task_metrics.items():
+            if k.split(",")[0] == m and "_stderr" not in k and isinstance(v, int | float):
+                return k, float(v)
+    raise ConfigError(f"no headline metric among {sorted(task_metrics)}; name one: lm_eval:TASK:METRIC")
+
+
+def score_task_specs(params, config, tokenizer, specs: Sequence[str], *, include: Sequence[str] = (),
+                     data: str | None = None, apply_chat_template: bool = True, num_fewshot: int | None = None,
+                     batch_size: int = 32, mesh=None, limit=None, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """For experiment configs: score `lm_eval:TASK[:METRIC]` specs of one model in one lm-eval run.
+    Returns {spec: {"score": float in [0, 1] for accuracies, "metric": key, "task": name, "n": docs}}; groups
+    (mmlu, bbh) report their aggregate."""
+    parsed = {s: parse_task_spec(s) for s in specs}
+    lm = PtmLM.from_params(params, config, tokenizer, batch_size=batch_size, mesh=mesh, seed=seed)
+    res = simple_evaluate(lm, sorted({t for t, _ in parsed.values()}), include=include, data=data,
+                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, limit=limit, seed=seed)
+    table = {**(res.get("results") or {}), **(res.get("groups") or {})}
+    out = {}
+    for spec, (task, metric) in parsed.items():
+        if task not in table:
+            raise ConfigError(f"{spec}: lm-eval returned no results for {task!r}")
+        key, val = pick_metric({k: v for k, v in table[task].items() if k != "alias"}, metric)
+        out[spec] = {"score": val, "metric": key, "task": task, "n": (res.get("n-samples") or {}).get(task, {})}
     return out
 
 

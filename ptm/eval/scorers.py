@@ -459,13 +459,14 @@ def validate_item(scorer_name: str, reference: Any, choices: Any, meta: dict) ->
 
 
 # -------------------------------------------------------------------------------------- code execution (issue 16)
-# `code_exec`: HumanEval-style items whose samples are *executed* against the problem's tests in the sandbox of
-# ptm.eval.code_exec (only after the explicit opt-in, --allow-code-execution). meta: the problem — `prompt`,
-# `test`, `entry_point` (HumanEval), or evalplus's `canonical_solution` + `base_input` (+ `plus_input`, `atol`),
-# or MBPP's `test_list` — and `k` (an int, default 1): score = unbiased pass@k over the n >= k samples.
+# `humaneval`: HumanEval-style items (HumanEval, evalplus, MBPP) whose samples are *executed* against the problem's
+# tests in the sandbox of ptm.eval.code_exec (only after the explicit opt-in, --allow-code-execution). meta: the
+# problem — `prompt`, `test`, `entry_point` (HumanEval), or evalplus's `canonical_solution` + `base_input`
+# (+ `plus_input`, `atol`), or MBPP's `test_list` — and `k` (an int, default 1): score = unbiased pass@k over the
+# n >= k samples.
 
 
-def code_exec_scorer(outputs: Sequence[str], reference: Reference, meta: dict) -> Metrics:
+def humaneval_scorer(outputs: Sequence[str], reference: Reference, meta: dict) -> Metrics:
     """Run each sample's program (solution + the problem's tests) in the sandbox; pass@1 and pass@k."""
     from ptm.eval import code_exec
 
@@ -478,7 +479,7 @@ def code_exec_scorer(outputs: Sequence[str], reference: Reference, meta: dict) -
     return out
 
 
-def _validate_code_exec(reference, choices, meta) -> str | None:
+def _validate_humaneval(reference, choices, meta) -> str | None:
     from ptm.eval import code_exec
 
     if not code_exec.code_execution_allowed():
@@ -489,12 +490,12 @@ def _validate_code_exec(reference, choices, meta) -> str | None:
     return code_exec.problem_error({kk: v for kk, v in meta.items() if kk != "k"})
 
 
-register_scorer(Scorer("code_exec", "generate", code_exec_scorer, validate=_validate_code_exec))
+register_scorer(Scorer("humaneval", "generate", humaneval_scorer, validate=_validate_humaneval))
 _num_samples_for_builtin = num_samples_for
 
 
 def num_samples_for(scorer: Scorer, meta: dict, requested: int) -> int:  # noqa: F811 - extends the one above
-    """As above, and code_exec items also need at least k samples."""
-    if scorer.name == "code_exec":
+    """As above, and humaneval items also need at least k samples."""
+    if scorer.name == "humaneval":
         return max(requested, program_k(meta))
     return _num_samples_for_builtin(scorer, meta, requested)

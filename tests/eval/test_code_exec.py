@@ -48,7 +48,7 @@ def test_nothing_runs_without_the_opt_in():
         ce.Sandbox()
     with pytest.raises(PtmError, match="--allow-code-execution"):
         ce.score_completions([{"prompt": "", "test": "", "entry_point": "f"}], [["x"]], [1])
-    err = scorers.validate_item("code_exec", "", None, {"prompt": "def f():\n", "test": "", "entry_point": "f"})
+    err = scorers.validate_item("humaneval", "", None, {"prompt": "def f():\n", "test": "", "entry_point": "f"})
     assert err and "--allow-code-execution" in err
 
 
@@ -112,15 +112,15 @@ def test_evalplus_and_mbpp_formats_go_through_the_same_runner(sandbox, tmp_path)
     assert [r.passed for r in sandbox.run_many(progs)] == [True, True, False, True, False]
 
 
-def test_code_exec_scorer_on_eval_set_items(sandbox, tmp_path, monkeypatch):
+def test_humaneval_scorer_on_eval_set_items(sandbox, tmp_path, monkeypatch):
     from ptm.eval.evalset import parse_item
 
     monkeypatch.setattr(ce, "_DEFAULT", sandbox)
     p = ce.load_problems()[0]
     meta = {k: p[k] for k in ("prompt", "test", "entry_point")} | {"k": 2}
-    item = parse_item({"task": "humaneval", "scorer": "code_exec", "category": "coding", "reference": "",
+    item = parse_item({"task": "humaneval", "scorer": "humaneval", "category": "coding", "reference": "",
                        "messages": [{"role": "user", "content": p["prompt"]}], "meta": meta}, "x:1")
-    sc = scorers.get_scorer("code_exec")
+    sc = scorers.get_scorer("humaneval")
     assert scorers.num_samples_for(sc, item.meta, 1) == 2
     m = sc.fn([p["canonical_solution"], "    return 1\n"], "", item.meta)
     assert m["pass@1"] == 0.5 and m["score"] == m["pass@2"] == 1.0

@@ -109,11 +109,11 @@ def test_generate_until_matches_decode_with_stops_and_lengths(lm, tiny_params, t
           {"until": ["e", "a"], "max_gen_toks": 8},
           {"max_gen_toks": 8, "temperature": 0.0}]
     got = lm.generate_until([_inst("generate_until", (c, k), i) for i, (c, k) in enumerate(zip(ctxs, kw, strict=True))])
-    for c, k, g in zip(ctxs, kw, got, strict=True):
-        (ref,) = decode.generate(tiny_params, tiny_config, tok, [[tok.bos_id] + tok.encode(c)],
-                                 decode.GenerationConfig(max_new_tokens=k["max_gen_toks"]),
-                                 stops=[tuple(k.get("until", ()))], batch_size=8)
-        assert g == ref.text and len(ref.tokens) <= k["max_gen_toks"]
+    ref = decode.generate(tiny_params, tiny_config, tok, [[tok.bos_id] + tok.encode(c) for c in ctxs],
+                          decode.GenerationConfig(max_new_tokens=8), stops=[tuple(k.get("until", ())) for k in kw],
+                          batch_size=8)
+    for k, g, r in zip(kw, got, ref, strict=True):
+        assert g == r.text and len(r.tokens) <= k["max_gen_toks"]
         assert all(s not in g for s in k.get("until", ()))
 
 
@@ -177,12 +177,11 @@ def test_toy_tasks_through_lm_eval_match_native_generation(lm, toy_dir, tiny_par
     from ptm.eval.evalset import load_suite
     from ptm.eval.harness import evaluate
 
-    res = L.simple_evaluate(lm, ["ptm_toy_copy", "ptm_toy_world_qa_mc", "ptm_toy_answers_ppl"],
+    res = L.simple_evaluate(lm, ["ptm_toy_copy", "ptm_toy_world_qa_mc"],
                             include=[str(CONFIGS)], data=str(toy_dir), apply_chat_template=True, limit=4,
                             log_samples=True)
     m = L.headline(res)
-    assert set(m) == {"ptm_toy_copy", "ptm_toy_world_qa_mc", "ptm_toy_answers_ppl"}
-    assert 0 <= m["ptm_toy_world_qa_mc"]["acc"] <= 1 and m["ptm_toy_answers_ppl"]["word_perplexity"] > 1
+    assert set(m) == {"ptm_toy_copy", "ptm_toy_world_qa_mc"} and 0 <= m["ptm_toy_world_qa_mc"]["acc"] <= 1
     lm_out = [s["resps"][0][0] for s in res["samples"]["ptm_toy_copy"]]
     items = load_suite(toy_dir / "eval" / "test" / "copy.jsonl")[:4]
     native = evaluate(tiny_params, tiny_config, tok, items, batch_size=8, max_new_tokens=24, keep_items=True)
@@ -262,3 +261,19 @@ def test_ptm_lm_eval_cli_is_lm_evals_cli_with_ptm_registered(ckpt, toy_dir, tmp_
     assert rc == 0
     assert "ptm_toy_world_qa_mc" in capsys.readouterr().out
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_task_specs_for_experiments(tiny_params, tiny_config, tok, toy_dir):
+    assert L.parse_task_spec("lm_eval:gsm8k:exact_match,flexible-extract") == ("gsm8k", "exact_match,flexible-extract")
+    with pytest.raises(L.ConfigError):
+        L.parse_task_spec("gsm8k")
+    assert L.pick_metric({"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.7}, None) == ("acc,none", 0.5)
+    assert L.pick_metric({"exact_match,strict-match": 0.2, "exact_match,flexible-extract": 0.3},
+                         "exact_match,flexible-extract")[1] == 0.3
+    out = L.score_task_specs(tiny_params, tiny_config, tok, ["lm_eval:ptm_toy_world_qa_mc",
+                                                             "lm_eval:ptm_toy_world_qa_mc:acc_norm",
+                                                             "lm_eval:ptm_toy_answers_ppl:word_perplexity"],
+                             include=[str(CONFIGS)], data=str(toy_dir), limit=4, batch_size=8)
+    assert out["lm_eval:ptm_toy_world_qa_mc"]["metric"] == "acc,none"
+    assert 0 <= out["lm_eval:ptm_toy_world_qa_mc:acc_norm"]["score"] <= 1
+    assert out["lm_eval:ptm_toy_answers_ppl:word_perplexity"]["score"] > 1
