@@ -244,10 +244,10 @@ def _worker(cfg, src, w):
     os.umask(0o077)
     if cfg["guard"]:
         _guard(cfg)
-    code = compile(src, "program.py", "exec")
     g = {"__name__": "__main__", "__builtins__": __builtins__}
-    del src
     try:
+        code = compile(src, "program.py", "exec")  # a syntax error is the program's failure, not the sandbox's
+        del src
         exec(code, g)
     except BaseException:
         import traceback

@@ -208,3 +208,31 @@ def test_supervisor_runs_on_a_plain_stdlib_python(tmp_path):
     p = subprocess.run([sys.executable, "-I", "-S", "-c", "import ast, sys; ast.parse(sys.stdin.read())"],
                        input=ce.SUPERVISOR, text=True, capture_output=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_garbage_and_null_bytes_are_failures_not_sandbox_errors(sandbox):
+    res = sandbox.run_many(["def f(:\n", "x = 1\x00\n", "\udcff = 3\n", "print('ok')\n"])
+    assert [r.status for r in res] == ["failed", "failed", "failed", "passed"]
+
+
+def test_ptm_eval_code_eval_end_to_end(tmp_path, tiny_config, tiny_params):
+    """`ptm eval CKPT --code-eval humaneval --allow-code-execution`: n samples per problem from ptm's decoder,
+    executed in the sandbox, pass@k in the JSON (a random model passes nothing, and nothing is a sandbox error)."""
+    import orbax.checkpoint as ocp
+
+    from ptm.ckpt import format as ckpt_format
+    from ptm.cli import main
+
+    ckpt = tmp_path / "ck"
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(ckpt / "params", tiny_params)
+    ckptr.wait_until_finished()
+    ckpt_format.write_meta(ckpt, ckpt_format.make_meta(tiny_config.to_dict(), step=1))
+    out = tmp_path / "code.json"
+    assert main(["eval", str(ckpt), "--code-eval", "humaneval", "--allow-code-execution", "--code-limit", "3",
+                 "--code-samples", "2", "--code-k", "1,2", "--code-max-new-tokens", "16", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())["results"][0]["code"]["humaneval"]
+    assert rec["n_problems"] == 3 and rec["executions"] == 6 and set(rec["metrics"]) == {"pass@1", "pass@2"}
+    assert set(rec["statuses"]) <= {"failed", "passed", "timeout"}
+    assert rec["settings"]["stops"][:5] == list(ce.CODEX_STOPS) and rec["settings"]["sandbox"]["audit_hook"]
