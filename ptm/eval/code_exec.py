@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ptm.errors import ConfigError, DataError, PtmError
+from ptm.eval import scorers
 
 # -------------------------------------------------------------------------------------- opt-in
 
@@ -736,9 +737,36 @@ def canonical_program(prob: dict[str, Any]) -> str:
 
 
 def pass_at_ks(n: int, c: int, ks: Iterable[int]) -> dict[str, float]:
-    from ptm.eval.scorers import pass_at_k
+    return {f"pass@{k}": scorers.pass_at_k(n, c, k) for k in ks if k <= n}
 
-    return {f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n}
+
+def humaneval_scorer(outputs: Sequence[str], reference, meta: dict) -> dict[str, float]:
+    """Eval-set items with scorer "humaneval": meta = the problem (HumanEval `prompt`/`test`/`entry_point`, evalplus
+    `canonical_solution`/`base_input`/..., or MBPP `test_list`) and `k` (default 1). Runs each sample's program in
+    the default sandbox; pass@1 and pass@k (unbiased, n >= k samples)."""
+    require_allowed()
+    prob = {kk: v for kk, v in meta.items() if kk != "k"}
+    results = default_sandbox().run_many([program_for(prob, o) for o in outputs])
+    n, c, k = len(outputs), sum(r.passed for r in results), scorers.program_k(meta)
+    out = {"pass@1": scorers.pass_at_k(n, c, 1), "score": scorers.pass_at_k(n, c, k)}
+    out[f"pass@{k}"] = out["score"]
+    return out
+
+
+def _validate_humaneval(reference, choices, meta) -> str | None:
+    if not code_execution_allowed():
+        return NOT_ALLOWED
+    k = meta.get("k", 1)
+    if not (isinstance(k, int) and k >= 1):
+        return f"meta.k must be a positive integer, got {k!r}"
+    return problem_error({kk: v for kk, v in meta.items() if kk != "k"})
+
+
+def register() -> None:
+    """Add the `humaneval` scorer to ptm.eval.scorers (idempotent; explicit, as the toy checkers)."""
+    if "humaneval" not in scorers.SCORERS:
+        scorers.register_scorer(scorers.Scorer("humaneval", "generate", humaneval_scorer,
+                                               validate=_validate_humaneval))
 
 
 @dataclass

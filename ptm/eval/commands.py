@@ -258,6 +258,9 @@ def run_eval(args) -> int:
     from ptm.toy import checkers as toy_checkers
 
     toy_checkers.register()  # built-in checkers the CLI offers (the eval library itself never imports toy)
+    from ptm.eval import code_exec as _code_exec
+
+    _code_exec.register()  # the `humaneval` scorer (executes nothing without --allow-code-execution)
     items = load_suite(args.suite) if args.suite else []  # fail on a bad suite before loading any model
     mesh = _mesh(args.mesh, local=bool(lm_tasks or code_sets))
     gen = GenerationConfig(

@@ -459,38 +459,8 @@ def validate_item(scorer_name: str, reference: Any, choices: Any, meta: dict) ->
 
 
 # -------------------------------------------------------------------------------------- code execution (issue 16)
-# `humaneval`: HumanEval-style items (HumanEval, evalplus, MBPP) whose samples are *executed* against the problem's
-# tests in the sandbox of ptm.eval.code_exec (only after the explicit opt-in, --allow-code-execution). meta: the
-# problem — `prompt`, `test`, `entry_point` (HumanEval), or evalplus's `canonical_solution` + `base_input`
-# (+ `plus_input`, `atol`), or MBPP's `test_list` — and `k` (an int, default 1): score = unbiased pass@k over the
-# n >= k samples.
-
-
-def humaneval_scorer(outputs: Sequence[str], reference: Reference, meta: dict) -> Metrics:
-    """Run each sample's program (solution + the problem's tests) in the sandbox; pass@1 and pass@k."""
-    from ptm.eval import code_exec
-
-    code_exec.require_allowed()
-    prob = {kk: v for kk, v in meta.items() if kk != "k"}
-    results = code_exec.default_sandbox().run_many([code_exec.program_for(prob, o) for o in outputs])
-    n, c, k = len(outputs), sum(r.passed for r in results), program_k(meta)
-    out = {"pass@1": pass_at_k(n, c, 1), "score": pass_at_k(n, c, k)}
-    out[f"pass@{k}"] = out["score"]
-    return out
-
-
-def _validate_humaneval(reference, choices, meta) -> str | None:
-    from ptm.eval import code_exec
-
-    if not code_exec.code_execution_allowed():
-        return code_exec.NOT_ALLOWED
-    k = meta.get("k", 1)
-    if not (isinstance(k, int) and k >= 1):
-        return f"meta.k must be a positive integer, got {k!r}"
-    return code_exec.problem_error({kk: v for kk, v in meta.items() if kk != "k"})
-
-
-register_scorer(Scorer("humaneval", "generate", humaneval_scorer, validate=_validate_humaneval))
+# The `humaneval` scorer (generated code executed against a problem's tests) lives in ptm.eval.code_exec and is
+# registered explicitly by `ptm.eval.code_exec.register()` (ptm eval does); its items need n >= k samples too.
 _num_samples_for_builtin = num_samples_for
 
 

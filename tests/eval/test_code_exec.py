@@ -20,6 +20,7 @@ from ptm.eval import scorers
 
 @pytest.fixture(autouse=True)
 def _allowed():
+    ce.register()
     ce.allow_code_execution(True)
     yield
     ce.allow_code_execution(False)
