@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,11 +166,12 @@ def test_stage_task_dirs_fills_placeholders(tmp_path):
         assert f"{tmp_path}/eval/test/copy.jsonl" in text and "${" not in text
         assert (Path(staged) / "toy" / "utils.py").exists()
     finally:
-        import shutil
-
         shutil.rmtree(root)
     root, (staged,) = L.stage_task_dirs([CONFIGS], env={})
-    assert "/__unset__/PTM_LM_EVAL_DATA" in (Path(staged) / "toy" / "ptm_toy_copy.yaml").read_text()
+    try:
+        assert "/__unset__/PTM_LM_EVAL_DATA" in (Path(staged) / "toy" / "ptm_toy_copy.yaml").read_text()
+    finally:
+        shutil.rmtree(root)
 
 
 def test_toy_tasks_through_lm_eval_match_native_generation(lm, toy_dir, tiny_params, tiny_config, tok):
