@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""Prove a TPU v3 configuration by compiling it, without a TPU (deviceless AOT with libtpu).
+"""Prove a TPU configuration by compiling it, without a TPU (deviceless AOT with libtpu).
 
 Each plan is a set of gin files (+ bindings) exactly as given to `ptm train`, plus a slice topology; this
 lowers and compiles the real `ptm.train.step` train step with NamedShardings on a compile-only TPU mesh and
-reports per-device HBM (compiler's memory_analysis) against v3's 15.48 GiB usable HBM per core, analytic FLOPs
-per step (cost_analysis counts a scanned layer body once, so it cannot be used) and the step time a given MFU
-implies at v3's peak. `RESOURCE_EXHAUSTED` from the compiler is a verdict, not a crash. It can also compile a
-device-side sharded merge of one full tensor set (task arithmetic over all parameters, bf16 in and out, fp32
-math).
+reports per-device HBM (compiler's memory_analysis) against the usable HBM per device (v3: 15.48 GiB per core;
+DEVICE_SPECS for v4/v5e/v5p/v6e), analytic FLOPs per step (cost_analysis counts a scanned layer body once, so it
+cannot be used) and the step time a given MFU implies at the device's peak. `--attention` compiles each plan
+with each `ModelConfig.attention` setting (ptm/model/attention.py). `RESOURCE_EXHAUSTED` from the compiler is a
+verdict, not a crash. It can also compile a device-side sharded merge of one full tensor set (task arithmetic over
+all parameters, bf16 in and out, fp32 math).
 
 Needs `pip install "jax[tpu]==<your jax version>"` (libtpu). CPU use is unaffected: set JAX_PLATFORMS=cpu.
 
   python tools/aot_check.py --plan v3-32            # one of PLANS (the paper's 7B run on each slice)
   python tools/aot_check.py --all --json out.json   # every plan
+  python tools/aot_check.py --plan v3-32 --plan v5e-32 --attention reference --attention blockwise \
+      --attention splash                              # each plan with each attention implementation
   python tools/aot_check.py --gin_file models/tiny.gin --gin_file runs/base.gin --gin_file meshes/v3-8.gin \
       --topology v3-8 --gin "DataConfig.seq_len=128" --gin "DataConfig.global_batch_size=16"
 """
@@ -54,6 +57,18 @@ V3_TOPOLOGIES = {
     "v3-256": "v3:8x16",
     "v3-512": "v3:16x16",
 }
+# Newer generations (one JAX device per chip on v5e; the compile-only v4 topology has 2 devices per chip).
+TOPOLOGIES = {**V3_TOPOLOGIES, "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8", "v4-32": "v4:2x2x4"}
+
+# Per JAX device, by device_kind: (usable HBM as the compiler reports it in RESOURCE_EXHAUSTED messages with
+# libtpu 0.0.42.1, peak dense bf16 FLOP/s from the Cloud TPU docs divided by the devices per chip).
+DEVICE_SPECS = {
+    "TPU v3": (V3_USABLE_HBM_BYTES, V3_PEAK_FLOPS_PER_DEVICE),
+    "TPU v4": (int(15.25 * GIB), 275e12 / 2),
+    "TPU v5 lite": (int(15.75 * GIB), 197e12),
+    "TPU v5": (int(95.74 * GIB), 459e12),
+    "TPU v6 lite": (int(31.25 * GIB), 918e12),
+}
 
 
 @dataclass
@@ -67,12 +82,14 @@ class Plan:
 
 
 # The paper's run (Llama 2 7B, context 4096, global batch 128, bf16 compute, fp32 master weights + AdamW,
-# full remat) on each v3 slice: the mesh and gradient accumulation come from gin/meshes/v3-*.gin.
+# full remat) on each v3 slice: the mesh and gradient accumulation come from gin/meshes/v3-*.gin. v5e-32 has
+# as many devices (16 GiB each) as v3-32 and takes the same mesh file.
 PAPER_GIN = ["models/llama2_7b.gin", "runs/base.gin"]
 PLANS = {
     name: Plan(name, name, [*PAPER_GIN, f"meshes/{name}.gin"])
     for name in ("v3-8", "v3-32", "v3-128", "v3-256")
 }
+PLANS["v5e-32"] = Plan("v5e-32", "v5e-32", [*PAPER_GIN, "meshes/v3-32.gin"])
 
 
 @dataclass
@@ -115,7 +132,7 @@ def compile_only_devices(topology: str):
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover
         raise RuntimeError(f"jax.experimental.topologies unavailable: {e}") from e
-    name = V3_TOPOLOGIES.get(topology, topology)
+    name = TOPOLOGIES.get(topology, topology)
     return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
 
 
@@ -130,6 +147,20 @@ def libtpu_available() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - report whatever libtpu says
         return False, f"libtpu cannot build a compile-only v3 topology: {e}"
     return True, ""
+
+
+def device_specs(device) -> tuple[int, float]:
+    """(usable HBM bytes, peak bf16 FLOP/s) of one compile-only device; v3's figures for unknown kinds."""
+    return DEVICE_SPECS.get(device.device_kind, DEVICE_SPECS["TPU v3"])
+
+
+def with_attention(plan: Plan, attention: str | None) -> Plan:
+    """The plan with `ModelConfig.attention` bound (named `PLAN@ATTENTION`)."""
+    if not attention:
+        return plan
+    return dataclasses.replace(
+        plan, name=f"{plan.name}@{attention}", bindings=[*plan.bindings, f"ModelConfig.attention='{attention}'"]
+    )
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -157,6 +188,7 @@ def check_train(plan: Plan) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from ptm.model.attention import resolve as resolve_attention
     from ptm.model.llama import flops_per_token, param_count
     from ptm.parallel.mesh import batch_sharding, data_parallel_size, make_mesh
     from ptm.train.optimizer import make_optimizer
@@ -191,11 +223,13 @@ def check_train(plan: Plan) -> dict[str, Any]:
     step = jit_train_step(cfg, opt, mesh, r.rules, grad_accum_steps=r.grad_accum)
 
     n_dev = len(devices)
+    hbm, peak = device_specs(devices[0])
     tokens = r.global_batch * r.seq_len
     flops = flops_per_token(cfg, r.seq_len) * tokens
     res: dict[str, Any] = {
         "plan": plan.name,
-        "topology": V3_TOPOLOGIES.get(plan.topology, plan.topology),
+        "topology": TOPOLOGIES.get(plan.topology, plan.topology),
+        "device_kind": devices[0].device_kind,
         "devices": n_dev,
         "gin_files": plan.gin_files,
         "bindings": plan.bindings,
@@ -206,11 +240,17 @@ def check_train(plan: Plan) -> dict[str, Any]:
         "grad_accum": r.grad_accum,
         "seqs_per_device_per_micro": micro // dp,
         "remat": cfg.remat,
+        "attention": cfg.attention,
+        # What the attention setting becomes on this device for the training shapes (auto, fallbacks).
+        "attention_impl": resolve_attention(
+            cfg.attention, q_len=r.seq_len, kv_len=r.seq_len, cached=False, dtype=cfg.dtype,
+            head_dim=cfg.head_dim, device=devices[0],
+        ),
         "model_flops_per_step": flops,
-        "hbm_limit_bytes": V3_USABLE_HBM_BYTES,
-        "peak_flops_per_device": V3_PEAK_FLOPS_PER_DEVICE,
+        "hbm_limit_bytes": hbm,
+        "peak_flops_per_device": peak,
         # Step time if the slice ran at 100% of peak; divide by the MFU you expect (or measure).
-        "ideal_step_s": flops / (n_dev * V3_PEAK_FLOPS_PER_DEVICE),
+        "ideal_step_s": flops / (n_dev * peak),
     }
     t0 = time.perf_counter()
     try:
@@ -223,7 +263,7 @@ def check_train(plan: Plan) -> dict[str, Any]:
     res["compile_s"] = time.perf_counter() - t0
     mem = _memory(compiled)
     res["memory_bytes"] = mem
-    res["verdict"] = "fits" if mem["peak"] <= V3_USABLE_HBM_BYTES else "over HBM"
+    res["verdict"] = "fits" if mem["peak"] <= hbm else "over HBM"
     return res
 
 
@@ -259,11 +299,12 @@ def check_merge(plan: Plan, n_skills: int = 1) -> dict[str, Any]:
     w = jax.ShapeDtypeStruct((n_skills,), jnp.float32)
     jitted = jax.jit(merge, out_shardings=shard)
     t0 = time.perf_counter()
+    hbm, _ = device_specs(devices[0])
     res: dict[str, Any] = {
         "plan": plan.name + ":merge",
         "devices": len(devices),
         "inputs": 2 + n_skills,
-        "hbm_limit_bytes": V3_USABLE_HBM_BYTES,
+        "hbm_limit_bytes": hbm,
     }
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(r.rules):
@@ -273,7 +314,7 @@ def check_merge(plan: Plan, n_skills: int = 1) -> dict[str, Any]:
         return res
     res["compile_s"] = time.perf_counter() - t0
     res["memory_bytes"] = _memory(compiled)
-    res["verdict"] = "fits" if res["memory_bytes"]["peak"] <= V3_USABLE_HBM_BYTES else "over HBM"
+    res["verdict"] = "fits" if res["memory_bytes"]["peak"] <= hbm else "over HBM"
     return res
 
 
@@ -285,7 +326,7 @@ def format_result(r: dict[str, Any], mfus: tuple[float, ...] = (0.3, 0.5)) -> st
             f"   {r['topology']} ({r['devices']} devices), mesh data={m['data']} fsdp={m['fsdp']} "
             f"tensor={m['tensor']}, {r['params'] / 1e9:.2f}B params, batch {r['global_batch']} x "
             f"{r['seq_len']} (accum {r['grad_accum']}, {r['seqs_per_device_per_micro']} seq/device/micro"
-            f"), remat={r['remat']}"
+            f"), remat={r['remat']}, attention={r['attention']} ({r['attention_impl']})"
         )
     if "memory_bytes" in r:
         mb = r["memory_bytes"]
@@ -320,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--topology", default="v3-8", help="ad-hoc plan: v3-8 .. v3-512 or a libtpu name (v3:2x2)"
     )
+    ap.add_argument(
+        "--attention",
+        action="append",
+        default=[],
+        help="ModelConfig.attention for every plan (repeatable: each plan is compiled once per setting): "
+        "reference | blockwise[:Q[xK]] | splash | cudnn | auto",
+    )
     ap.add_argument("--merge", action="store_true", help="also compile a sharded merge of one tensor set")
     ap.add_argument("--json", help="write all results to this JSON file")
     args = ap.parse_args(argv)
@@ -334,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not plans:
         ap.error("give --plan, --all or --gin_file")
+    if args.attention:
+        from ptm.model.config import parse_attention
+
+        for a in args.attention:
+            try:
+                parse_attention(a)
+            except ValueError as e:
+                ap.error(str(e))
+        plans = [with_attention(p, a) for p in plans for a in args.attention]
     ok, why = libtpu_available()
     if not ok:
         print(f"aot_check: {why}", file=sys.stderr)

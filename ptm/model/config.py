@@ -15,6 +15,9 @@ from typing import Any
 from ptm.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "save_dots")
+# Attention implementations (ptm.model.attention); "blockwise" may carry block sizes: "blockwise:256" or
+# "blockwise:256x512" (query block x key block).
+ATTENTION_IMPLS = ("reference", "blockwise", "splash", "cudnn", "auto")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "gin" / "models"
 
 
@@ -37,6 +40,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     max_seq_len: int = 2048
+    attention: str = "reference"  # reference | blockwise[:Q[xK]] | splash | cudnn | auto (ptm.model.attention)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -47,6 +51,7 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        parse_attention(self.attention)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +77,24 @@ class ModelConfig:
             "tie_embeddings",
         )
         return {k: getattr(self, k) for k in keys}
+
+
+def parse_attention(name: str) -> tuple[str, int | None, int | None]:
+    """`ModelConfig.attention` -> (implementation, query block, key block); the blocks are None unless given."""
+    if not isinstance(name, str):
+        raise ValueError(f"attention={name!r}; choose one of {list(ATTENTION_IMPLS)}")
+    impl, sep, blocks = name.partition(":")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={name!r}; choose one of {list(ATTENTION_IMPLS)}")
+    if not sep:
+        return impl, None, None
+    parts = blocks.split("x")
+    if impl != "blockwise" or len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(
+            f"attention={name!r}: only 'blockwise' takes block sizes, as 'blockwise:N' or 'blockwise:QxK'"
+        )
+    bq = int(parts[0])
+    return impl, bq, int(parts[-1])
 
 
 def preset_names() -> list[str]:

@@ -4,7 +4,8 @@ RMSNorm, RoPE (HF `rotate_half` convention, so Hugging Face Llama weights need n
 grouped-query attention, optional tied embeddings. Layers are always stacked on a leading `layers` axis (via
 `nn.scan`); `scan_layers=False` fully unrolls the same scan, so the parameter tree — and the checkpoint format
 the merge engine and converters rely on — does not depend on it. Parameters are fp32 (`param_dtype`), compute in
-`dtype` (bf16 by default), logits and norms in fp32.
+`dtype` (bf16 by default), logits and norms in fp32. The attention kernel is chosen by `ModelConfig.attention`
+(reference | blockwise | splash | cudnn | auto; `ptm.model.attention`); it does not change the parameters.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptm.model import attention
 from ptm.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -87,11 +89,8 @@ class Attention(nn.Module):
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
 
-        b, s = x.shape[:2]
         if layer_cache is None:
-            keys, values, key_seg = k, v, segment_ids
-            q_idx = jnp.arange(s)
-            k_idx = jnp.arange(s)
+            keys, values, key_seg, q_offset = k, v, segment_ids, 0
             new_cache = None
         else:
             keys = jax.lax.dynamic_update_slice_in_dim(
@@ -105,19 +104,12 @@ class Attention(nn.Module):
             )
             new_cache = {"k": keys, "v": values, "segment_ids": key_seg}
             keys, values = keys.astype(dt), values.astype(dt)
-            q_idx = cache_index + jnp.arange(s)
-            k_idx = jnp.arange(keys.shape[1])
+            q_offset = cache_index
 
-        # Same segment, causal, and never attend to padding (segment 0).
-        mask = (segment_ids[:, :, None] == key_seg[:, None, :]) & (key_seg[:, None, :] != 0)
-        mask &= q_idx[None, :, None] >= k_idx[None, None, :]
-
-        g = h // kvh
-        qg = q.reshape(b, s, kvh, g, hd)
-        scores = jnp.einsum("bskgd,btkd->bkgst", qg, keys).astype(jnp.float32) * (hd**-0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, values).reshape(b, s, h, hd)
+        # Same segment, causal (key index <= q_offset + query index), never attend to padding (segment 0).
+        out = attention.attend(
+            cfg.attention, q, keys, values, segment_ids, key_seg, q_offset, cached=layer_cache is not None
+        )
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", "head_dim"))
         y = jnp.einsum("bshd,hde->bse", out, wo.astype(dt))
         return y, new_cache
