@@ -178,27 +178,6 @@ def _tokenizer_spec(args, meta: dict | None) -> str:
     return meta.get("tokenizer") or (meta.get("provenance") or {}).get("tokenizer") or "byte"
 
 
-def _recipe_models(path: str):
-    """Yield (name, params, ModelConfig, meta) for each merge of a recipe file (a sweep gives several),
-    merged in memory by the merge engine and never written."""
-    try:
-        from ptm.merge import recipe as R
-        from ptm.merge.engine import merge_to_tree
-    except ImportError as e:
-        raise PtmError(f"--recipe {path}: the merge engine is not available in this build ({e})") from None
-    from ptm.ckpt import format as ckpt_format
-
-    recipes = R.load(path)
-    for i, rec in enumerate(recipes):
-        metas = R.input_metas(rec)
-        meta = next((m for m in metas.values() if m and m.get("model")), None)
-        if meta is None:
-            raise ConfigError(f"{path}: no input has ptm/metadata with a model config; cannot evaluate")
-        config = ckpt_format.model_config(meta, path)
-        name = rec.name or (path if len(recipes) == 1 else f"{path}[{i}]")
-        yield name, merge_to_tree(rec), config, {**meta, "provenance": {"recipe": path, **rec.to_dict()}}
-
-
 def format_table(name: str, result) -> str:
     rows = [("task", "category", "scorer", "n", "score", "other metrics")]
     for t in result.tasks.values():
@@ -227,6 +206,7 @@ def run_eval(args) -> int:
     from ptm.eval.decode import GenerationConfig
     from ptm.eval.evalset import load_suite
     from ptm.eval.harness import check_vocab, evaluate
+    from ptm.eval.merged import recipe_models
 
     if not args.checkpoints and not args.recipe:
         raise ConfigError("nothing to evaluate: give checkpoint paths and/or --recipe")
@@ -289,7 +269,7 @@ def run_eval(args) -> int:
             check_vocab(config, load_tokenizer(_tokenizer_spec(args, meta)), name)
             yield ("checkpoint", name, *load_checkpoint(name, mesh))
         for path in args.recipe:
-            for name, params, config, meta in _recipe_models(path):
+            for name, params, config, meta in recipe_models(path):
                 yield "recipe", name, params, config, meta
 
     lead = is_writer()  # every process computes everything; one prints and writes

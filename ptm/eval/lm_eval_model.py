@@ -96,21 +96,10 @@ def tokenizer_spec(meta: dict | None) -> str:
 
 def recipe_model(path: str, index: int = 0):
     """(name, params as numpy, ModelConfig, meta) of merge `index` of a recipe file, merged in memory."""
-    from ptm.ckpt import format as ckpt_format
-    from ptm.merge import recipe as R
-    from ptm.merge.engine import merge_to_tree
+    from ptm.eval.merged import recipe_models
 
-    recipes = R.load(path)
-    if not 0 <= index < len(recipes):
-        raise ConfigError(f"{path}: recipe_index={index} but the file has {len(recipes)} merge(s)")
-    rec = recipes[index]
-    metas = R.input_metas(rec)
-    meta = next((m for m in metas.values() if m and m.get("model")), None)
-    if meta is None:
-        raise ConfigError(f"{path}: no input has ptm/metadata with a model config; cannot evaluate")
-    config = ckpt_format.model_config(meta, path)
-    name = rec.name or (path if len(recipes) == 1 else f"{path}[{index}]")
-    return name, merge_to_tree(rec), config, {**meta, "provenance": {"recipe": path, **rec.to_dict()}}
+    models = list(recipe_models(path, only=index))
+    return models[0]
 
 
 def _as_bool(v: Any) -> bool | None:
