@@ -56,7 +56,7 @@ def _losses(run_dir):
 
 
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
-    data = write_reverse_task(tmp_path / "d.jsonl", n=48)
+    data = write_reverse_task(tmp_path / "d.jsonl", n=160)  # ~60 steps: the kill lands before the end
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ref = tmp_path / "ref"
     subprocess.run(_cmd(data, ref), check=True, env=env, capture_output=True, timeout=600)
