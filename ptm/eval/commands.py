@@ -95,6 +95,9 @@ def _add_lm_eval_args(p) -> None:
     g.add_argument("--lm-eval-max-gen-toks", type=int, default=256,
                    help="generation length for tasks that do not set max_gen_toks")
     g.add_argument("--lm-eval-log-samples", action="store_true", help="keep lm-eval's per-sample records in --out")
+    g.add_argument("--lm-eval-split", choices=("validation", "test"), default=None,
+                   help="score exactly this split of every task, refusing tasks without distinct validation and "
+                   "test splits (what `ptm experiment` does; default: lm-eval's rule, test if there is one)")
 
 
 def _add_code_args(p) -> None:
@@ -114,6 +117,8 @@ def _add_code_args(p) -> None:
     g.add_argument("--code-limit", type=int, default=None, metavar="N", help="only the first N problems")
     g.add_argument("--code-timeout", type=float, default=10.0, help="wall-clock seconds per sample")
     g.add_argument("--code-workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
+    g.add_argument("--code-stop", action="append", default=None, metavar="STR",
+                   help="stop sequence for code generation (repeatable; default: the Codex stops)")
 
 
 def run_lm_eval_cli(args) -> int:
@@ -301,7 +306,7 @@ def run_eval(args) -> int:
                 lm, lm_tasks, include=args.lm_eval_include, data=args.lm_eval_data, num_fewshot=args.num_fewshot,
                 apply_chat_template=args.apply_chat_template, limit=args.lm_eval_limit,
                 allow_code_execution=args.allow_code_execution, log_samples=args.lm_eval_log_samples,
-                seed=args.seed)
+                seed=args.seed, split=args.lm_eval_split)
             if lead and out is not None:
                 print(lm_eval_model.format_results(name, out), flush=True)
                 rec["lm_eval"] = {"metrics": lm_eval_model.headline(out), "results": out.get("results"),
@@ -315,6 +320,7 @@ def run_eval(args) -> int:
                     params, config, tok, probs, task=task, n=args.code_samples, ks=ks,
                     temperature=args.code_temperature, top_p=args.code_top_p,
                     max_new_tokens=args.code_max_new_tokens, prompt_style=args.code_prompt,
+                    stops=code_exec.CODEX_STOPS if args.code_stop is None else tuple(args.code_stop),
                     batch_size=args.batch_size, mesh=mesh, seed=args.seed, sandbox=sandbox,
                     keep_completions=args.items)
                 if lead:

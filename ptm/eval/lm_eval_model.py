@@ -500,9 +500,12 @@ def _light_env_info():
 def simple_evaluate(lm: PtmLM, tasks: Sequence[str], *, include: Sequence[str] = (), data: str | None = None,
                     num_fewshot: int | None = None, apply_chat_template: bool = False, limit: int | float | None = None,
                     allow_code_execution: bool = False, log_samples: bool = False, seed: int = 0,
-                    bootstrap_iters: int = 1000, gen_kwargs: str | None = None) -> dict[str, Any]:
+                    bootstrap_iters: int = 1000, gen_kwargs: str | None = None,
+                    split: str | None = None) -> dict[str, Any]:
     """lm_eval.simple_evaluate over local task files (placeholders staged, see stage_task_dirs); offline
-    unless a task itself points at a hub dataset. Returns lm-eval's results dict (plus `ptm_timings`)."""
+    unless a task itself points at a hub dataset. `split` ("validation" / "test", see `select_split`) pins the
+    documents scored; None keeps lm-eval's rule (test if the task has one, else validation). Returns lm-eval's
+    results dict (plus `ptm_timings`)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tasks = [t for t in tasks if t]
@@ -515,11 +518,12 @@ def simple_evaluate(lm: PtmLM, tasks: Sequence[str], *, include: Sequence[str] =
         if unknown:
             raise ConfigError(f"unknown lm-eval task(s) {unknown}"
                               + ("" if include else " (local task YAMLs need --lm-eval-include DIR)"))
+        todo: list[Any] = list(tasks) if split is None else select_split(tm, tasks, split)
         t0 = time.perf_counter()
         try:
             with _light_env_info():
                 res = lm_eval.simple_evaluate(
-                    model=lm, tasks=list(tasks), task_manager=tm, num_fewshot=num_fewshot,
+                    model=lm, tasks=todo, task_manager=tm, num_fewshot=num_fewshot,
                     apply_chat_template=apply_chat_template, limit=limit,
                     confirm_run_unsafe_code=allow_code_execution, log_samples=log_samples, random_seed=seed,
                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -535,6 +539,48 @@ def simple_evaluate(lm: PtmLM, tasks: Sequence[str], *, include: Sequence[str] =
     finally:
         if root:
             shutil.rmtree(root, ignore_errors=True)
+
+
+SPLITS = ("validation", "test")
+
+
+def _split_files(task: Any, split: str) -> Any:
+    files = (task.config.dataset_kwargs or {}).get("data_files")
+    return files.get(split) if isinstance(files, dict) else None
+
+
+def select_split(tm: Any, names: Sequence[str], split: str) -> list[Any]:
+    """The built tasks/groups `names`, every leaf task set to score its `split` documents.
+
+    An experiment selects models on validation and reports test, so the two must be different documents:
+    "validation" needs the task's `validation_split` (its test split is switched off), "test" its `test_split`;
+    a task without that split, or whose two splits name the same data files, is refused (ConfigError naming the
+    task) rather than silently scoring something else -- lm-eval alone would fall back to validation docs."""
+    if split not in SPLITS:
+        raise ConfigError(f"lm-eval split {split!r}: expected one of {SPLITS}")
+    out = []
+    for name in names:
+        loaded = tm.load([name])
+        obj = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        if obj is None:
+            raise ConfigError(f"lm-eval task {name!r}: not found after loading")
+        for tname, task in loaded["tasks"].items():
+            cfg = task.config
+            val, test = cfg.validation_split, cfg.test_split
+            where = f"lm-eval task {tname}" + (f" (in {name})" if tname != name else "")
+            if val is None or test is None:
+                missing = "validation_split" if val is None else "test_split"
+                raise ConfigError(
+                    f"{where}: has no {missing}; a study selects on validation and reports test, so it needs both "
+                    "(stage a held-out file and name it in the task YAML: docs/experiment.md, 'lm-eval tasks')")
+            if val == test or (_split_files(task, val) is not None
+                               and _split_files(task, val) == _split_files(task, test)):
+                raise ConfigError(f"{where}: validation_split and test_split are the same data "
+                                  f"({_split_files(task, val) or val}); selection would see the test set")
+            if split == "validation":
+                task.set_config(key="test_split", value=None)  # lm-eval scores test docs whenever they exist
+        out.append(obj)
+    return out
 
 
 def headline(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -579,20 +625,27 @@ def pick_metric(task_metrics: dict[str, float], metric: str | None) -> tuple[str
 
 def score_task_specs(params, config, tokenizer, specs: Sequence[str], *, include: Sequence[str] = (),
                      data: str | None = None, apply_chat_template: bool = True, num_fewshot: int | None = None,
-                     batch_size: int = 32, mesh=None, limit=None, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """For experiment configs: score `lm_eval:TASK[:METRIC]` specs of one model in one lm-eval run.
-    Returns {spec: {"score": float in [0, 1] for accuracies, "metric": key, "task": name, "n": docs}}; groups
-    (mmlu, bbh) report their aggregate."""
+                     batch_size: int = 32, mesh=None, limit=None, seed: int = 0, split: str | None = None,
+                     max_gen_toks: int = 256, name: str | None = None) -> dict[str, dict[str, Any]]:
+    """For experiment configs: score `lm_eval:TASK[:METRIC]` specs of one model in one lm-eval run on `split`
+    (see `select_split`; None: lm-eval's default documents). Returns {spec: {"score": float, "metric": key,
+    "task": name, "n": docs}}; groups (mmlu, bbh) report their aggregate. Only higher-is-better metrics are
+    accepted: a study averages task scores as percentages."""
     parsed = {s: parse_task_spec(s) for s in specs}
-    lm = PtmLM.from_params(params, config, tokenizer, batch_size=batch_size, mesh=mesh, seed=seed)
+    lm = PtmLM.from_params(params, config, tokenizer, batch_size=batch_size, mesh=mesh, seed=seed,
+                           max_gen_toks=max_gen_toks, name=name)
     res = simple_evaluate(lm, sorted({t for t, _ in parsed.values()}), include=include, data=data,
-                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, limit=limit, seed=seed)
+                          num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, limit=limit, seed=seed,
+                          split=split)
     table = {**(res.get("results") or {}), **(res.get("groups") or {})}
     out = {}
     for spec, (task, metric) in parsed.items():
         if task not in table:
             raise ConfigError(f"{spec}: lm-eval returned no results for {task!r}")
         key, val = pick_metric({k: v for k, v in table[task].items() if k != "alias"}, metric)
+        if (res.get("higher_is_better") or {}).get(task, {}).get(key.split(",")[0]) is False:
+            raise ConfigError(f"{spec}: metric {key} is lower-is-better; a study task needs a score where higher "
+                              "is better (an accuracy, exact match, pass@k)")
         out[spec] = {"score": val, "metric": key, "task": task, "n": (res.get("n-samples") or {}).get(task, {})}
     return out
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptm.errors import ConfigError
+from ptm.experiment import task_specs
 from ptm.model.config import ModelConfig, from_spec
 from ptm.parallel.mesh import MeshConfig
 from ptm.toml_file import load_toml
@@ -83,6 +84,34 @@ class SkillSpec:
 
 
 @dataclass(frozen=True)
+class LmEvalSpec:
+    """`lm_eval:TASK` tasks ([eval.lm_eval]): where the task YAMLs and their data are (docs/eval.md)."""
+
+    include: tuple[str, ...] = ()  # task YAML directories (config paths: $VARS, relative to data_root)
+    data: str | None = None  # fills ${PTM_LM_EVAL_DATA} in them
+    num_fewshot: int | None = None  # None: each task's own
+    chat_template: bool = True  # ptm's models are chat models
+    max_gen_toks: int = 256  # for generation tasks that set none
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    """`humaneval` / `code:FILE` tasks ([eval.code]): sampled completions executed in ptm's sandbox."""
+
+    allow_code_execution: bool = False  # generated code runs only with this explicit opt-in
+    samples: int = 20  # n per problem (the paper: 20)
+    k: int = 10  # the task score is pass@k (the paper: pass@10)
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    prompt: str = "completion"  # or "chat" (ptm.eval.code_exec.code_prompt_ids)
+    stops: tuple[str, ...] | None = None  # None: the Codex stop sequences
+    timeout_s: float = 10.0
+    workers: int | None = None
+    humaneval_validation: str | None = None  # problems for `humaneval` on validation (HumanEval is a test set)
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     validation: str
     test: str
@@ -91,6 +120,8 @@ class EvalSpec:
     max_new_tokens: int = 64
     batch_size: int = 32
     test_all: bool = False  # evaluate every model on test (else: only the reported ones)
+    lm_eval: LmEvalSpec = field(default_factory=LmEvalSpec)
+    code: CodeSpec = field(default_factory=CodeSpec)
 
 
 @dataclass(frozen=True)
@@ -321,6 +352,65 @@ def _omega_list(t: _Table, k: str, default: tuple[float, ...]) -> tuple[float, .
     return tuple(float(x) for x in v)
 
 
+def _lm_eval(t: _Table) -> LmEvalSpec:
+    spec = LmEvalSpec(
+        include=t.str_list("include", ()),
+        data=t.get("data", str, None),
+        num_fewshot=t.get("num_fewshot", int, None, check=lambda v: v >= 0, what="a non-negative integer"),
+        chat_template=t.get("chat_template", bool, True),
+        max_gen_toks=t.get("max_gen_toks", int, 256, check=_pos_int, what="a positive integer"),
+    )
+    t.done()
+    return spec
+
+
+def _code(t: _Table) -> CodeSpec:
+    stops = t.get("stops", list, None)
+    if stops is not None and not all(isinstance(x, str) and x for x in stops):
+        raise ConfigError(f"{t.key('stops')}: expected a list of non-empty strings, got {stops!r}")
+    spec = CodeSpec(
+        allow_code_execution=t.get("allow_code_execution", bool, False),
+        samples=t.get("samples", int, 20, check=_pos_int, what="a positive integer"),
+        k=t.get("k", int, 10, check=_pos_int, what="a positive integer"),
+        temperature=t.get("temperature", float, 0.8, check=lambda v: v >= 0, what="a non-negative number"),
+        top_p=t.get("top_p", float, 0.95, check=lambda v: 0 < v <= 1, what="a number in (0, 1]"),
+        max_new_tokens=t.get("max_new_tokens", int, 512, check=_pos_int, what="a positive integer"),
+        prompt=t.get("prompt", str, "completion", check=lambda v: v in ("completion", "chat"),
+                     what="'completion' or 'chat'"),
+        stops=None if stops is None else tuple(stops),
+        timeout_s=t.get("timeout_s", float, 10.0, check=lambda v: v > 0, what="a positive number"),
+        workers=_opt_pos_int(t, "workers"),
+        humaneval_validation=t.get("humaneval_validation", str, None),
+    )
+    t.done()
+    if spec.k > spec.samples:
+        raise ConfigError(f"{t.key('k')}: pass@{spec.k} needs at least k samples, got samples={spec.samples}")
+    return spec
+
+
+def _check_task_specs(skills: list[SkillSpec], ev: EvalSpec, src: str) -> None:
+    """Every task name parses, and code tasks have what they need before anything runs."""
+    named = [("eval.general_tasks", t) for t in ev.general_tasks]
+    for s in skills:
+        named += [(f"skills.{s.name}.tasks", t) for t in s.tasks]
+        named += [(f"skills.{s.name}.benign_tasks", t) for t in s.benign_tasks]
+    for where, t in named:
+        spec = task_specs.parse_spec(t, f"{src}: {where}")
+        if spec.kind != "code":
+            continue
+        if not ev.code.allow_code_execution:
+            raise ConfigError(
+                f"{src}: {where}: {t!r} executes model-generated code (sandboxed, docs/eval.md); it runs only with "
+                "an explicit opt-in: set [eval.code] allow_code_execution = true"
+            )
+        if spec.name == task_specs.HUMANEVAL and ev.code.humaneval_validation is None:
+            raise ConfigError(
+                f"{src}: {where}: 'humaneval' is a test set (164 problems, no validation split) and selection never "
+                "looks at test: set [eval.code] humaneval_validation = FILE (HumanEval-format problems held out "
+                "from it, docs/experiment.md)"
+            )
+
+
 def parse(d: dict[str, Any], source: str, results_dir: str | None = None) -> ExperimentConfig:
     """Build an ExperimentConfig from a parsed TOML dict (`source` names the file in errors)."""
     top = _Table(d, "", source)
@@ -376,8 +466,11 @@ def parse(d: dict[str, Any], source: str, results_dir: str | None = None) -> Exp
         max_new_tokens=et.get("max_new_tokens", int, 64, check=_pos_int, what="a positive integer"),
         batch_size=et.get("batch_size", int, 32, check=_pos_int, what="a positive integer"),
         test_all=et.get("test_all", bool, False),
+        lm_eval=_lm_eval(et.table("lm_eval")),
+        code=_code(et.table("code")),
     )
     et.done()
+    _check_task_specs(skills, ev, source)
     overlap = set(ev.general_tasks) & {t for s in skills for t in s.tasks + s.benign_tasks}
     if overlap:
         raise ConfigError(f"{source}: eval tasks {sorted(overlap)} are both general and skill tasks")

