@@ -1,0 +1,244 @@
+"""Experiment tasks beyond the eval-set format: `lm_eval:TASK` (lm-evaluation-harness over the shipped toy task
+YAMLs) and `code:FILE` (problems executed in the sandbox) feed the study's scores, tables and selection; each split
+scores its own documents, and the numbers equal `ptm eval --lm-eval ... --lm-eval-split S` / `--code-eval FILE`."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ptm.errors import ConfigError
+from ptm.experiment.config import parse
+from ptm.experiment.task_specs import parse_spec
+from ptm.toml_file import load_toml
+
+ROOT = Path(__file__).resolve().parents[2]
+MICRO = ROOT / "configs/experiments/micro.toml"
+TOY_TASKS = ROOT / "configs/lm_eval/toy"
+LM_TASK = "lm_eval:ptm_toy_world_qa_mc"
+
+
+def _micro(**eval_extra) -> dict:
+    d = load_toml(str(MICRO), "experiment config")
+    d["eval"].update(eval_extra)
+    return d
+
+
+# ------------------------------------------------------------------------------------------ config (no jax)
+
+
+def test_task_specs_parse_and_refuse_what_would_select_on_test():
+    assert parse_spec("science", "k").kind == "native"
+    s = parse_spec("lm_eval:gsm8k:exact_match,strict-match", "k")
+    assert (s.kind, s.name, s.metric) == ("lm_eval", "gsm8k", "exact_match,strict-match")
+    c = parse_spec("code:data/{split}/mbpp.jsonl", "k")
+    assert c.kind == "code" and c.code_file("validation", None) == "data/validation/mbpp.jsonl"
+    h = parse_spec("humaneval", "k")
+    assert h.code_file("test", "v.jsonl") is None and h.code_file("validation", "v.jsonl") == "v.jsonl"
+    with pytest.raises(ConfigError, match=r"skills.x.tasks: 'code:a.jsonl'.*\{split\}"):
+        parse_spec("code:a.jsonl", "skills.x.tasks")
+    with pytest.raises(ConfigError, match="unknown task kind"):
+        parse_spec("lmeval:gsm8k", "k")
+    with pytest.raises(ConfigError, match="no lm-eval task name"):
+        parse_spec("lm_eval:", "k")
+
+
+def test_code_tasks_need_the_explicit_opt_in_and_humaneval_a_validation_file():
+    d = _micro()
+    d["skills"]["coding"]["tasks"] = ["coding", "code:/x/{split}/p.jsonl"]
+    with pytest.raises(ConfigError, match=r"skills.coding.tasks: 'code:/x/\{split\}/p.jsonl' executes .*"
+                                          r"allow_code_execution = true"):
+        parse(d, "m.toml")
+    d["eval"]["code"] = {"allow_code_execution": True}
+    cfg = parse(d, "m.toml")
+    assert cfg.eval.code.allow_code_execution and cfg.eval.code.k == 10 and cfg.eval.code.samples == 20
+    d["skills"]["coding"]["tasks"] = ["humaneval"]
+    with pytest.raises(ConfigError, match="humaneval_validation"):
+        parse(d, "m.toml")
+    d["eval"]["code"] = {"allow_code_execution": True, "humaneval_validation": "v.jsonl", "k": 30}
+    with pytest.raises(ConfigError, match=r"eval.code.k: pass@30 needs at least k samples"):
+        parse(d, "m.toml")
+    d["eval"]["code"] = {"allow_code_execution": True, "bogus": 1}
+    with pytest.raises(ConfigError, match=r"eval.code.bogus: unknown key"):
+        parse(d, "m.toml")
+    d["eval"]["code"] = {"allow_code_execution": True}
+    d["eval"]["lm_eval"] = {"include": ["a"], "num_fewshot": -1}
+    with pytest.raises(ConfigError, match=r"eval.lm_eval.num_fewshot"):
+        parse(d, "m.toml")
+
+
+# ------------------------------------------------------------------------------------------ lm-eval splits
+
+
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                                   reason="lm-eval not installed (pip install 'ptm[lm_eval]')")
+
+
+def _yaml(d: Path, task: str, splits: dict[str, str]) -> None:
+    files = "".join(f'    {k}: "{v}"\n' for k, v in splits.items())
+    keys = "".join(f"{k}_split: {k}\n" for k in splits)
+    (d / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}output_type: multiple_choice\n"
+        f"{keys}doc_to_text: '{{{{q}}}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n"
+        "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+
+
+@needs_lm_eval
+def test_select_split_refuses_tasks_without_distinct_validation_and_test(tmp_path):
+    from ptm.eval import lm_eval_model as L
+
+    for s in ("validation", "test"):
+        n = 3 if s == "test" else 2
+        (tmp_path / f"{s}.jsonl").write_text("".join(json.dumps({"q": f"{s} {i}"}) + "\n" for i in range(n)))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _yaml(tasks, "both", {"validation": tmp_path / "validation.jsonl", "test": tmp_path / "test.jsonl"})
+    _yaml(tasks, "only_val", {"validation": tmp_path / "validation.jsonl"})
+    _yaml(tasks, "same", {"validation": tmp_path / "test.jsonl", "test": tmp_path / "test.jsonl"})
+    tm = L.task_manager([str(tasks)], ["both", "only_val", "same"])
+    (val,) = L.select_split(tm, ["both"], "validation")
+    assert [d["q"] for d in val.eval_docs] == ["validation 0", "validation 1"]
+    (test,) = L.select_split(tm, ["both"], "test")
+    assert len(test.eval_docs) == 3
+    with pytest.raises(ConfigError, match="lm-eval task only_val: has no test_split"):
+        L.select_split(tm, ["only_val"], "validation")
+    with pytest.raises(ConfigError, match="lm-eval task same: validation_split and test_split are the same data"):
+        L.select_split(tm, ["same"], "validation")
+    with pytest.raises(ConfigError, match="expected one of"):
+        L.select_split(tm, ["both"], "train")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+
+def _problems(d: Path) -> dict[str, float]:
+    """HumanEval-format problems whose outcome does not depend on the (random) model: the prompt is a whole
+    function ending in a comment, generation stops at a newline, so a completion stays inside the comment.
+    validation: 1 of 2 correct, test: 2 of 3 -> pass@1 0.5 / 0.667."""
+
+    def prob(i: int, ok: bool) -> dict:
+        body = f"def add(a, b):\n    return a {'+' if ok else '-'} b  # "
+        return {"task_id": f"t/{i}", "entry_point": "add", "prompt": body,
+                "test": "def check(f):\n    assert f(2, 3) == 5\n", "canonical_solution": ""}
+
+    layout = {"validation": [True, False], "test": [True, False, True]}
+    for split, oks in layout.items():
+        (d / split).mkdir(parents=True)
+        (d / split / "add.jsonl").write_text("".join(json.dumps(prob(i, ok)) + "\n" for i, ok in enumerate(oks)))
+    return {s: sum(o) / len(o) for s, o in layout.items()}
+
+
+# The micro profile cut to one skill, one CFT/RT size and task arithmetic at omega 1 (+ heuristic): 5 one-step
+# runs, 7 models. A general lm-eval task and a skill code task next to eval-set tasks.
+EXTRA_TOML = """
+name = "extra"
+tokenizer = "tokenizer.model"
+[suite]
+sizes = {{ pretrain = 64, general = 48, science = 16, safety = 4, coding = 4, eval = 3 }}
+[base]
+data = "pretrain.jsonl"
+[general]
+data = "general.jsonl"
+[skills.science]
+data = "science.jsonl"
+examples = 16
+sizes = [16]
+tasks = ["science", "{code}"]
+[eval]
+validation = "eval/validation"
+test = "eval/test"
+general_tasks = ["copy", "{lm}"]
+max_items_per_task = 3
+max_new_tokens = 4
+batch_size = 16
+[eval.lm_eval]
+include = ["{include}"]          # ${{PTM_LM_EVAL_DATA}} defaults to the data root: the generated suite
+[eval.code]
+allow_code_execution = true
+samples = 2
+k = 1
+max_new_tokens = 3
+stops = ["\\n", "\\r"]
+timeout_s = 5.0
+workers = 2
+[merge]
+omegas = [1.0]
+methods = ["task_arithmetic"]
+multi_skill = false
+pairwise = false
+[model]
+preset = "toy_micro"
+[train]
+seq_len = 128
+global_batch_size = 128
+save_every = 1
+epochs = 1
+learning_rate = 3e-3
+warmup_ratio = 0.0
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
+
+
+@needs_lm_eval
+@pytest.mark.slow  # a real `ptm experiment` (5 one-step runs, 7 models) and two `ptm eval` runs: ~60-90 s
+def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
+    code_dir = tmp_path / "code"
+    want = _problems(code_dir)
+    code_task = f"code:{code_dir}/{{split}}/add.jsonl"
+    toml = tmp_path / "extra.toml"
+    toml.write_text(EXTRA_TOML.format(lm=LM_TASK, code=code_task, include=TOY_TASKS))
+    out = tmp_path / "results"
+    p = subprocess.run([sys.executable, "-m", "ptm.cli", "experiment", str(toml), "--results-dir", str(out)],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+
+    res = json.loads((out / "results.json").read_text())
+    for mid, m in res["models"].items():
+        for split in ("validation", "test"):
+            if m[split] is None:
+                continue
+            t = m[split]["tasks"]
+            assert LM_TASK in t and code_task in t, (mid, split, sorted(t))
+            assert t[code_task] == pytest.approx(100 * want[split]), (mid, split)  # its own split's problems
+            assert m[split]["general"] == pytest.approx((t["copy"] + t[LM_TASK]) / 2)
+            assert m[split]["skills"]["science"] == pytest.approx((t["science"] + t[code_task]) / 2)
+    rec = {s: json.loads((out / "scores" / s / "general.json").read_text()) for s in ("validation", "test")}
+    for s in rec:
+        assert rec[s]["extra"][LM_TASK]["metric"] == "acc,none" and rec[s]["n_items"][LM_TASK] == 3
+        assert rec[s]["extra"][code_task]["file"] == f"{code_dir}/{s}/add.jsonl"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    g = next(r for r in rows if r["model"] == "general" and r["split"] == "test")
+    assert float(g[f"task:{LM_TASK}"]) == pytest.approx(100 * rec["test"]["tasks"][LM_TASK], abs=0.01)
+    tables = (out / "tables.md").read_text()
+    row2 = res["tables"]["table2"]["science"][0]
+    assert row2["model"] == "general" and row2["general"] == pytest.approx(res["models"]["general"]["test"]["general"])
+    assert f"{row2['general']:.1f}" in tables
+
+    # The same numbers from `ptm eval` on the study's theta_G checkpoint, split by split.
+    for split in ("validation", "test"):
+        j = tmp_path / f"eval_{split}.json"
+        cmd = [sys.executable, "-m", "ptm.cli", "eval", str(out / "runs" / "general"),
+               "--lm-eval", LM_TASK.split(":", 1)[1], "--lm-eval-include", str(TOY_TASKS),
+               "--lm-eval-data", str(out / "suite"), "--apply-chat-template", "--lm-eval-limit", "3",
+               "--lm-eval-split", split, "--code-eval", str(code_dir / split / "add.jsonl"),
+               "--allow-code-execution", "--code-samples", "2", "--code-k", "1", "--code-max-new-tokens", "3",
+               "--code-stop", "\n", "--code-stop", "\r", "--code-timeout", "5", "--code-workers", "2",
+               "--batch-size", "16", "--out", str(j)]
+        q = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+        assert q.returncode == 0, q.stderr[-4000:]
+        (r,) = json.loads(j.read_text())["results"]
+        lm = r["lm_eval"]["metrics"][LM_TASK.split(":", 1)[1]]["acc"]
+        assert lm == pytest.approx(rec[split]["tasks"][LM_TASK], abs=1e-9), split
+        (code,) = r["code"].values()
+        assert code["metrics"]["pass@1"] == pytest.approx(rec[split]["tasks"][code_task]) == pytest.approx(want[split])
