@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs/experiments/micro.toml"
 TOY_TASKS = ROOT / "configs/lm_eval/toy"
 LM_TASK = "lm_eval:ptm_toy_world_qa_mc"
+PROBE = "lm_eval:probe"  # a task whose score does not depend on the model (see _docs)
 
 
 def _micro(**eval_extra) -> dict:
@@ -82,21 +83,28 @@ needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
 
 
 def _yaml(d: Path, task: str, splits: dict[str, str]) -> None:
+    """A multiple-choice task over local files: docs {"q", "choices", "target"}."""
     files = "".join(f'    {k}: "{v}"\n' for k, v in splits.items())
     keys = "".join(f"{k}_split: {k}\n" for k in splits)
     (d / f"{task}.yaml").write_text(
         f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n{files}output_type: multiple_choice\n"
-        f"{keys}doc_to_text: '{{{{q}}}}'\ndoc_to_choice: ['a', 'b']\ndoc_to_target: 0\n"
+        f"{keys}doc_to_text: '{{{{q}}}}'\ndoc_to_choice: '{{{{choices}}}}'\ndoc_to_target: target\n"
         "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+
+
+def _docs(path: Path, targets: list[int]) -> None:
+    """Choice 0 is one letter, choice 1 two hundred: any model gives 0 the higher log-likelihood, so acc is the
+    fraction of docs whose target is 0, whatever the (random) weights."""
+    path.write_text("".join(json.dumps({"q": f"Question {i}?", "choices": ["a", "zq" * 100], "target": t}) + "\n"
+                            for i, t in enumerate(targets)))
 
 
 @needs_lm_eval
 def test_select_split_refuses_tasks_without_distinct_validation_and_test(tmp_path):
     from ptm.eval import lm_eval_model as L
 
-    for s in ("validation", "test"):
-        n = 3 if s == "test" else 2
-        (tmp_path / f"{s}.jsonl").write_text("".join(json.dumps({"q": f"{s} {i}"}) + "\n" for i in range(n)))
+    _docs(tmp_path / "validation.jsonl", [0, 1])
+    _docs(tmp_path / "test.jsonl", [0, 1, 1])
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     _yaml(tasks, "both", {"validation": tmp_path / "validation.jsonl", "test": tmp_path / "test.jsonl"})
@@ -104,9 +112,9 @@ def test_select_split_refuses_tasks_without_distinct_validation_and_test(tmp_pat
     _yaml(tasks, "same", {"validation": tmp_path / "test.jsonl", "test": tmp_path / "test.jsonl"})
     tm = L.task_manager([str(tasks)], ["both", "only_val", "same"])
     (val,) = L.select_split(tm, ["both"], "validation")
-    assert [d["q"] for d in val.eval_docs] == ["validation 0", "validation 1"]
+    assert [d["target"] for d in val.eval_docs] == [0, 1]
     (test,) = L.select_split(tm, ["both"], "test")
-    assert len(test.eval_docs) == 3
+    assert [d["target"] for d in test.eval_docs] == [0, 1, 1]
     with pytest.raises(ConfigError, match="lm-eval task only_val: has no test_split"):
         L.select_split(tm, ["only_val"], "validation")
     with pytest.raises(ConfigError, match="lm-eval task same: validation_split and test_split are the same data"):
@@ -155,12 +163,12 @@ tasks = ["science", "{code}"]
 [eval]
 validation = "eval/validation"
 test = "eval/test"
-general_tasks = ["copy", "{lm}"]
+general_tasks = ["copy", "{lm}", "{probe}"]
 max_items_per_task = 3
 max_new_tokens = 4
 batch_size = 16
 [eval.lm_eval]
-include = ["{include}"]          # ${{PTM_LM_EVAL_DATA}} defaults to the data root: the generated suite
+include = ["{include}", "{probe_dir}"]          # ${{PTM_LM_EVAL_DATA}} defaults to the data root: the generated suite
 [eval.code]
 allow_code_execution = true
 samples = 2
@@ -197,7 +205,14 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
     want = _problems(code_dir)
     code_task = f"code:{code_dir}/{{split}}/add.jsonl"
     toml = tmp_path / "extra.toml"
-    toml.write_text(EXTRA_TOML.format(lm=LM_TASK, code=code_task, include=TOY_TASKS))
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    _docs(probe_dir / "validation.jsonl", [0, 0])  # acc 1 on validation, 2/3 on test
+    _docs(probe_dir / "test.jsonl", [0, 1, 0])
+    _yaml(probe_dir, "probe", {"validation": probe_dir / "validation.jsonl", "test": probe_dir / "test.jsonl"})
+    want_probe = {"validation": 1.0, "test": 2 / 3}
+    toml.write_text(EXTRA_TOML.format(lm=LM_TASK, code=code_task, include=TOY_TASKS, probe=PROBE,
+                                      probe_dir=probe_dir))
     out = tmp_path / "results"
     p = subprocess.run([sys.executable, "-m", "ptm.cli", "experiment", str(toml), "--results-dir", str(out)],
                        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
@@ -211,7 +226,8 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
             t = m[split]["tasks"]
             assert LM_TASK in t and code_task in t, (mid, split, sorted(t))
             assert t[code_task] == pytest.approx(100 * want[split]), (mid, split)  # its own split's problems
-            assert m[split]["general"] == pytest.approx((t["copy"] + t[LM_TASK]) / 2)
+            assert t[PROBE] == pytest.approx(100 * want_probe[split]), (mid, split)  # its own split's documents
+            assert m[split]["general"] == pytest.approx((t["copy"] + t[LM_TASK] + t[PROBE]) / 3)
             assert m[split]["skills"]["science"] == pytest.approx((t["science"] + t[code_task]) / 2)
     rec = {s: json.loads((out / "scores" / s / "general.json").read_text()) for s in ("validation", "test")}
     for s in rec:
@@ -229,7 +245,8 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
     for split in ("validation", "test"):
         j = tmp_path / f"eval_{split}.json"
         cmd = [sys.executable, "-m", "ptm.cli", "eval", str(out / "runs" / "general"),
-               "--lm-eval", LM_TASK.split(":", 1)[1], "--lm-eval-include", str(TOY_TASKS),
+               "--lm-eval", "ptm_toy_world_qa_mc,probe", "--lm-eval-include", str(TOY_TASKS),
+               "--lm-eval-include", str(probe_dir),
                "--lm-eval-data", str(out / "suite"), "--apply-chat-template", "--lm-eval-limit", "3",
                "--lm-eval-split", split, "--code-eval", str(code_dir / split / "add.jsonl"),
                "--allow-code-execution", "--code-samples", "2", "--code-k", "1", "--code-max-new-tokens", "3",
@@ -238,7 +255,9 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
         q = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
         assert q.returncode == 0, q.stderr[-4000:]
         (r,) = json.loads(j.read_text())["results"]
-        lm = r["lm_eval"]["metrics"][LM_TASK.split(":", 1)[1]]["acc"]
-        assert lm == pytest.approx(rec[split]["tasks"][LM_TASK], abs=1e-9), split
+        for spec in (LM_TASK, PROBE):
+            got = r["lm_eval"]["metrics"][spec.split(":", 1)[1]]["acc"]
+            assert got == pytest.approx(rec[split]["tasks"][spec], abs=1e-9), (spec, split)
+        assert rec[split]["tasks"][PROBE] == pytest.approx(want_probe[split])
         (code,) = r["code"].values()
         assert code["metrics"]["pass@1"] == pytest.approx(rec[split]["tasks"][code_task]) == pytest.approx(want[split])
