@@ -131,3 +131,21 @@ def test_cli_check_prints_the_plan(capsys):
     assert "train rt_coding_907" in out and "init=@pre" in out
     assert main(["experiment", str(PROFILES / "nope.toml"), "--check"]) == 2
     assert "nope.toml" in capsys.readouterr().err
+
+
+def test_paper_7b_evaluates_like_the_paper():
+    """General ability through lm-eval (MMLU, GSM8K, BBH, TruthfulQA MC), coding by executed HumanEval and MBPP+
+    (pass@10 of 20 samples at T 0.8), safety on native refusal sets; every task has a validation source."""
+    from ptm.experiment.task_specs import parse_spec
+
+    cfg = load(str(PROFILES / "paper_7b.toml"))
+    general = [parse_spec(t, "general") for t in cfg.eval.general_tasks]
+    assert [(t.kind, t.name) for t in general] == [
+        ("lm_eval", "mmlu"), ("lm_eval", "gsm8k"), ("lm_eval", "bbh_cot_fewshot"), ("lm_eval", "truthfulqa_mc1")]
+    coding = [parse_spec(t, "coding") for t in cfg.skill("coding").tasks]
+    assert [t.kind for t in coding] == ["code", "code"] and coding[0].name == "humaneval"
+    c = cfg.eval.code
+    assert c.allow_code_execution and (c.samples, c.k, c.temperature, c.top_p) == (20, 10, 0.8, 0.95)
+    assert c.humaneval_validation and "{split}" in coding[1].name
+    assert cfg.eval.lm_eval.include and cfg.eval.lm_eval.chat_template
+    assert cfg.skill("safety").benign_tasks == ("xstest_safe",) and "xstest_unsafe" in cfg.skill("safety").tasks

@@ -8,6 +8,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,36 @@ def test_select_split_refuses_tasks_without_distinct_validation_and_test(tmp_pat
         L.select_split(tm, ["same"], "validation")
     with pytest.raises(ConfigError, match="expected one of"):
         L.select_split(tm, ["both"], "train")
+
+
+@needs_lm_eval
+def test_the_staged_benchmark_yamls_have_distinct_validation_and_test_splits(tmp_path):
+    """configs/lm_eval/staged (what paper_7b.toml's general tasks are modelled on) passes select_split on both
+    splits given files of the documented layout."""
+    from ptm.eval import lm_eval_model as L
+
+    docs = {
+        "gsm8k": ("gsm8k/{s}.jsonl", {"question": "1+1?", "answer": "2 #### 2"}, ("train", "validation", "test")),
+        "mmlu_astronomy": ("mmlu/astronomy/{s}.jsonl", {"question": "Q?", "choices": ["a", "b", "c", "d"],
+                                                        "answer": 1}, ("dev", "validation", "test")),
+        "truthfulqa_mc1": ("truthfulqa/{s}.jsonl", {"question": "Q?", "mc1_targets": {"choices": ["a", "b"],
+                                                                                     "labels": [1, 0]}},
+                           ("validation", "test")),
+    }
+    for pattern, doc, splits in docs.values():
+        for i, sp in enumerate(splits):
+            f = tmp_path / pattern.format(s=sp)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text("".join(json.dumps(doc) + "\n" for _ in range(i + 1)))
+    root, staged = L.stage_task_dirs([ROOT / "configs/lm_eval/staged"], str(tmp_path))
+    try:
+        tm = L.task_manager(staged, list(docs))
+        for split, n in (("validation", 2), ("test", 3)):
+            for task in L.select_split(tm, list(docs), split):
+                want = n - (task.config.task == "truthfulqa_mc1")  # it has no few-shot split before them
+                assert len(task.eval_docs) == want, (task.config.task, split)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ end to end
