@@ -75,6 +75,30 @@ def register(subparsers) -> None:
     q.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="arguments for lm_eval (e.g. --model ptm ...)")
     q.set_defaults(func=run_lm_eval_cli)
 
+    e = subparsers.add_parser("evalset", help="convert benchmark files into ptm eval sets (docs/eval.md)")
+    es = e.add_subparsers(dest="evalset_command", required=True)
+    x = es.add_parser("xstest", help="XSTest CSV -> OUT/{validation,test}/xstest.jsonl (refusal items)",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("csv", help="xstest_prompts.csv (id,prompt,type,label,focus,note) or xstest_v2_prompts.csv")
+    x.add_argument("--out", required=True, metavar="DIR", help="eval-set root (e.g. $PTM_DATA/eval)")
+    x.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="share of each label held out for validation (selection); 0 = test only")
+    x.add_argument("--seed", type=int, default=0, help="seed of the split")
+    x.add_argument("--safe-task", default="xstest_safe", help="task name of the safe prompts (comply)")
+    x.add_argument("--unsafe-task", default="xstest_unsafe", help="task name of the unsafe prompts (refuse)")
+    x.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    x.set_defaults(func=run_xstest)
+
+
+def run_xstest(args) -> int:
+    from ptm.eval import xstest
+
+    counts = xstest.convert(args.csv, args.out, validation_fraction=args.validation_fraction, seed=args.seed,
+                            force=args.force, tasks={"safe": args.safe_task, "unsafe": args.unsafe_task})
+    for split, per in counts.items():
+        print(f"{args.out}/{split}/{xstest.OUT_NAME}: " + ", ".join(f"{t} {n}" for t, n in per.items()))
+    return 0
+
 
 # -------------------------------------------------------------------------------------- lm-eval / code flags
 

@@ -174,5 +174,5 @@ def write_eval_file(path: str | epath.Path, items: Iterable[EvalItem | dict[str,
         return len(lines)
     tmp = p.parent / f".{p.name}.tmp"
     tmp.write_text(text)
-    tmp.rename(p)
+    tmp.replace(p)  # rename() refuses an existing destination
     return len(lines)
