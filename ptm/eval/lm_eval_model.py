@@ -629,8 +629,8 @@ def score_task_specs(params, config, tokenizer, specs: Sequence[str], *, include
                      max_gen_toks: int = 256, name: str | None = None) -> dict[str, dict[str, Any]]:
     """For experiment configs: score `lm_eval:TASK[:METRIC]` specs of one model in one lm-eval run on `split`
     (see `select_split`; None: lm-eval's default documents). Returns {spec: {"score": float, "metric": key,
-    "task": name, "n": docs}}; groups (mmlu, bbh) report their aggregate. Only higher-is-better metrics are
-    accepted: a study averages task scores as percentages."""
+    "task": name, "n": docs, "higher_is_better": lm-eval's flag or None}}; groups (mmlu, bbh) report their
+    aggregate."""
     parsed = {s: parse_task_spec(s) for s in specs}
     lm = PtmLM.from_params(params, config, tokenizer, batch_size=batch_size, mesh=mesh, seed=seed,
                            max_gen_toks=max_gen_toks, name=name)
@@ -643,10 +643,9 @@ def score_task_specs(params, config, tokenizer, specs: Sequence[str], *, include
         if task not in table:
             raise ConfigError(f"{spec}: lm-eval returned no results for {task!r}")
         key, val = pick_metric({k: v for k, v in table[task].items() if k != "alias"}, metric)
-        if (res.get("higher_is_better") or {}).get(task, {}).get(key.split(",")[0]) is False:
-            raise ConfigError(f"{spec}: metric {key} is lower-is-better; a study task needs a score where higher "
-                              "is better (an accuracy, exact match, pass@k)")
-        out[spec] = {"score": val, "metric": key, "task": task, "n": (res.get("n-samples") or {}).get(task, {})}
+        hib = (res.get("higher_is_better") or {}).get(task, {}).get(key.split(",")[0])
+        out[spec] = {"score": val, "metric": key, "task": task, "n": (res.get("n-samples") or {}).get(task, {}),
+                     "higher_is_better": hib}
     return out
 
 

@@ -127,6 +127,9 @@ class ExtraScorer:
             split=split, max_gen_toks=le.max_gen_toks, name=where or None)
         out = {}
         for spec, r in res.items():
+            if r.get("higher_is_better") is False:
+                raise ConfigError(f"{spec}: metric {r['metric']} is lower-is-better; a study averages task scores "
+                                  "as percentages where higher is better (name one: lm_eval:TASK:METRIC)")
             n = r.get("n") or {}
             count = n.get("effective", n.get("original")) if isinstance(n, dict) else n
             out[spec] = {"score": float(r["score"]), "n": count, "metric": r["metric"], "source": "lm_eval",

@@ -279,3 +279,5 @@ def test_task_specs_for_experiments(tiny_params, tiny_config, tok, toy_dir):
     assert out["lm_eval:ptm_toy_world_qa_mc"]["metric"] == "acc,none"
     assert 0 <= out["lm_eval:ptm_toy_world_qa_mc:acc_norm"]["score"] <= 1
     assert out["lm_eval:ptm_toy_answers_ppl:word_perplexity"]["score"] > 1
+    assert out["lm_eval:ptm_toy_answers_ppl:word_perplexity"]["higher_is_better"] is False
+    assert out["lm_eval:ptm_toy_world_qa_mc"]["higher_is_better"] is True
