@@ -76,6 +76,28 @@ def test_code_tasks_need_the_explicit_opt_in_and_humaneval_a_validation_file():
         parse(d, "m.toml")
 
 
+def test_missing_problem_files_and_include_dirs_stop_the_study_before_training(tmp_path):
+    from ptm.errors import DataError
+    from ptm.experiment.runner import Experiment
+
+    d = _micro(code={"allow_code_execution": True},
+               lm_eval={"include": [str(tmp_path / "no_tasks")]} if importlib.util.find_spec("lm_eval") else {})
+    d["skills"]["coding"]["tasks"] = ["coding", f"code:{tmp_path}/{{split}}/p.jsonl"]
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "p.jsonl").write_text("{}\n")
+    if importlib.util.find_spec("lm_eval"):
+        d["eval"]["general_tasks"] = ["copy", LM_TASK]
+    exp = Experiment(parse(d, str(tmp_path / "m.toml"), str(tmp_path / "out")), log=lambda s: None)
+    with pytest.raises(DataError) as e:
+        exp.prepare_data()
+    msg = str(e.value)
+    assert f"{tmp_path}/test/p.jsonl (task code:{tmp_path}/{{split}}/p.jsonl, test)" in msg
+    assert "validation/p.jsonl" not in msg
+    if importlib.util.find_spec("lm_eval"):
+        assert f"{tmp_path}/no_tasks ([eval.lm_eval] include)" in msg
+    assert not (tmp_path / "out" / "runs").exists()  # nothing trained
+
+
 # ------------------------------------------------------------------------------------------ lm-eval splits
 
 
