@@ -294,6 +294,21 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
     assert row2["model"] == "general" and row2["general"] == pytest.approx(res["models"]["general"]["test"]["general"])
     assert f"{row2['general']:.1f}" in tables
 
+    # A rerun reuses every score: the fingerprints (which include the lm-eval / code settings) are stable.
+    from ptm.experiment.config import load
+    from ptm.experiment.runner import Experiment
+    from ptm.experiment.task_specs import by_kind
+
+    exp = Experiment(load(str(toml), str(out)), log=lambda s: None)
+    exp.plan_models()
+    for split in ("validation", "test"):
+        for f in (out / "scores" / split).glob("*.json"):
+            m = exp.models[f.stem]
+            tasks = exp.tasks_for(m)
+            native = [t.spec for t in by_kind(tasks)["native"]]
+            fp = exp._fingerprint(m, tasks, len(exp._eval_items(split, native)), split)
+            assert json.loads(f.read_text())["fingerprint"] == fp, (split, f.stem)
+
     # The same numbers from `ptm eval` on the study's theta_G checkpoint, split by split.
     for split in ("validation", "test"):
         j = tmp_path / f"eval_{split}.json"
