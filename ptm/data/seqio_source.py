@@ -100,6 +100,20 @@ def kind(name: str, provider=None) -> str:
                       "for prefix-LM) nor 'messages' (chat); ptm cannot train on it")
 
 
+def vocabulary(name: str):
+    """The vocabulary of a Task/Mixture's `targets` (and `inputs`, which must be the same one)."""
+    feats = dict(get_provider(name).output_features)
+    keys = [k for k in ("inputs", "targets") if k in feats]
+    if not keys:
+        raise ConfigError(f"seqio:{name}: no 'inputs'/'targets' output feature carries a vocabulary (features: "
+                          f"{sorted(feats)}); a chat Task is text: give a tokenizer file instead")
+    vocabs = [feats[k].vocabulary for k in keys]
+    if any(v != vocabs[0] for v in vocabs[1:]):
+        raise ConfigError(f"seqio:{name}: 'inputs' and 'targets' have different vocabularies ({vocabs[0]} vs "
+                          f"{vocabs[1]}); a decoder-only model reads both with one tokenizer")
+    return vocabs[0]
+
+
 # --- chat Tasks: examples into ptm's own pipeline -------------------------------------------------------------
 
 def _messages(value: Any, where: str) -> list[dict]:
@@ -130,8 +144,7 @@ def read_chat_examples(path: str, split: str = "train", use_cached: bool = False
     provider = get_provider(name)
     seqio = seqio_module()
     if not isinstance(provider, seqio.Task):
-        raise ConfigError(f"seqio:{name} is a Mixture; chat data takes Tasks (list them as DataConfig.sources, "
-                          "each with its rate)")
+        raise ConfigError(f"seqio:{name} is a Mixture; read it with read_examples (its Tasks by their rates)")
     if kind(name, provider) != "chat":
         raise ConfigError(f"seqio:{name}: not a chat Task (no 'messages' output feature)")
     try:
@@ -148,6 +161,73 @@ def read_chat_examples(path: str, split: str = "train", use_cached: bool = False
         out.append(_check({"messages": _messages(ex["messages"], where)}, where))
     if not out:
         raise DataError(f"seqio:{name} split {split!r}: no examples")
+    return out
+
+
+# --- any Task/Mixture as examples for ptm's planner (DataConfig.seqio_lm = "examples") ------------------------
+
+DECODER_START_ID = 0  # seqio's DecoderFeatureConverter starts every decoder input with id 0, as t5x does
+
+
+def read_lm_examples(path: str, split: str = "train", use_cached: bool = False) -> list:
+    """Every example of an LM Task's split (unshuffled) as `TokenizedExample`: ids = [0] + inputs + targets,
+    loss on the targets. ptm's shift (inputs = ids[:-1], targets = ids[1:]) then gives each example exactly the
+    unpacked `decoder_input_tokens` / `decoder_target_tokens` / `decoder_loss_weights` of seqio's
+    DecoderFeatureConverter (untrimmed: ptm's `overlong` applies instead of TASK_FEATURE_LENGTHS)."""
+    from ptm.data.sources import TokenizedExample
+
+    name = task_name(path)
+    task = get_provider(name)
+    feats = dict(task.output_features)
+    try:
+        ds = task.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
+                              num_epochs=1, trim_output_features=False)
+        rows = list(ds.as_numpy_iterator())
+    except (ValueError, KeyError) as e:
+        raise DataError(f"seqio:{name} split {split!r}: {e}") from e
+    out = []
+    for i, ex in enumerate(rows, 1):
+        where = f"seqio:{name}/{split}:example {i}"
+        missing = [k for k in ("inputs", "targets") if k in feats and k not in ex]
+        if missing:
+            raise DataError(f"{where}: no {missing} feature (features: {sorted(ex)})")
+        inp = np.asarray(ex["inputs"], np.int32).reshape(-1) if "inputs" in feats else np.zeros(0, np.int32)
+        tgt = np.asarray(ex["targets"], np.int32).reshape(-1)
+        ids = np.concatenate([[DECODER_START_ID], inp, tgt]).astype(np.int32)
+        mask = np.concatenate([np.zeros(1 + len(inp), np.uint8), np.ones(len(tgt), np.uint8)])
+        out.append(TokenizedExample(ids, mask, where))
+    if not out:
+        raise DataError(f"seqio:{name} split {split!r}: no examples")
+    return out
+
+
+def _mixture_sample(counts: Sequence[int], rates: Sequence[float]) -> list[int]:
+    """How many examples of each Task one finite epoch of a Mixture holds: proportional to the rates, until the
+    first Task runs out (what seqio's `sample_from_datasets(stop_on_empty_dataset=True)` does in expectation)."""
+    scale = min(n / r for n, r in zip(counts, rates, strict=True) if r > 0)
+    return [min(n, int(np.floor(r * scale + 0.5))) if r > 0 else 0 for n, r in zip(counts, rates, strict=True)]
+
+
+def read_examples(path: str, split: str = "train", use_cached: bool = False, *, tokenizer=None) -> list:
+    """A `seqio:` source as examples for ptm's planner (like a JSONL file): a chat Task's conversations, an LM
+    Task's token ids (`read_lm_examples`; the vocabulary must be `tokenizer`'s), or a Mixture's Tasks in
+    proportion to its rates (`_mixture_sample`; each Task's sample is a fixed seeded subset, in file order)."""
+    name = task_name(path)
+    provider = get_provider(name)
+    seqio = seqio_module()
+    k = kind(name, provider)
+    if k == "lm" and tokenizer is not None:
+        check_vocabulary(provider, tokenizer, name)
+    read = read_chat_examples if k == "chat" else read_lm_examples
+    if isinstance(provider, seqio.Task):
+        return read(path, split, use_cached)
+    tasks = list(seqio.get_subtasks(provider))
+    per_task = [read(f"{PREFIX}{t.name}", split, use_cached) for t in tasks]
+    take = _mixture_sample([len(x) for x in per_task], [float(provider.get_rate(t)) for t in tasks])
+    out = []
+    for i, (examples, c) in enumerate(zip(per_task, take, strict=True)):
+        pick = np.sort(np.random.default_rng([4, i]).permutation(len(examples))[:c])
+        out.extend(examples[j] for j in pick)
     return out
 
 
@@ -275,11 +355,12 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
     seqio = seqio_module()
     if len(config.sources) != 1:
         raise ConfigError("a seqio LM source (targets/inputs features) must be the only source; mix Tasks with a "
-                          "seqio Mixture and its rates")
+                          "seqio Mixture and its rates, or set DataConfig.seqio_lm='examples' (ptm's planner)")
     src = config.sources[0]
     if src.max_examples is not None or src.epochs != 1.0 or src.rate != 1.0:
-        raise ConfigError(f"source {src.path}: max_examples/epochs/rate do not apply to a seqio LM source (use "
-                          "DataConfig.num_epochs / num_steps, and a Mixture's rates)")
+        raise ConfigError(f"source {src.path}: max_examples/epochs/rate do not apply to a seqio LM source with "
+                          "seqio_lm='t5x' (use DataConfig.num_epochs / num_steps and a Mixture's rates, or "
+                          "DataConfig.seqio_lm='examples')")
     name = task_name(src.path)
     provider = get_provider(name)
     check_vocabulary(provider, tokenizer, name)
