@@ -100,6 +100,13 @@ def kind(name: str, provider=None) -> str:
                       "for prefix-LM) nor 'messages' (chat); ptm cannot train on it")
 
 
+def check_split(name: str, provider, split: str) -> None:
+    """A split the Task/Mixture does not have is a DataError listing the ones it has."""
+    splits = list(getattr(provider, "splits", ()) or ())
+    if splits and split not in splits:
+        raise DataError(f"seqio:{name} has no split {split!r} (splits: {', '.join(splits)})")
+
+
 def vocabulary(name: str):
     """The vocabulary of a Task/Mixture's `targets` (and `inputs`, which must be the same one)."""
     feats = dict(get_provider(name).output_features)
@@ -147,6 +154,7 @@ def read_chat_examples(path: str, split: str = "train", use_cached: bool = False
         raise ConfigError(f"seqio:{name} is a Mixture; read it with read_examples (its Tasks by their rates)")
     if kind(name, provider) != "chat":
         raise ConfigError(f"seqio:{name}: not a chat Task (no 'messages' output feature)")
+    check_split(name, provider, split)
     try:
         ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
                                   num_epochs=1, trim_output_features=False)
@@ -179,6 +187,7 @@ def read_lm_examples(path: str, split: str = "train", use_cached: bool = False) 
     name = task_name(path)
     task = get_provider(name)
     feats = dict(task.output_features)
+    check_split(name, task, split)
     try:
         ds = task.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
                               num_epochs=1, trim_output_features=False)
@@ -363,6 +372,7 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
                           "DataConfig.seqio_lm='examples')")
     name = task_name(src.path)
     provider = get_provider(name)
+    check_split(name, provider, config.split)
     check_vocabulary(provider, tokenizer, name)
     tfl = feature_lengths(config, provider, name)
     per_host = config.global_batch_size // process_count
@@ -417,6 +427,35 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
 
 # --- eval: a Task's split as eval items ---------------------------------------------------------------------
 
+def task_and_split(spec: str, default_split: str = "validation") -> tuple[str, str]:
+    """`seqio:TASK[:SPLIT]` -> (TASK, SPLIT). seqio names may contain ':' themselves, so a registered name
+    wins: the last ':part' is the split only when the whole is not a Task/Mixture."""
+    rest = task_name(spec)
+    seqio = seqio_module()
+    names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    if rest in names or ":" not in rest:
+        return rest, default_split
+    head, split = rest.rsplit(":", 1)
+    if head in names and split:
+        return head, split
+    get_provider(rest)  # raises, listing the registered names
+    raise AssertionError("unreachable")
+
+
+def subtask_names(name: str) -> list[str]:
+    """A Task's own name, or the Tasks of a Mixture (in its order)."""
+    return [t.name for t in seqio_module().get_subtasks(get_provider(name))]
+
+
+def metric_names(name: str) -> list[str]:
+    """The names of a Task's metric functions (predict and score metrics), to choose an eval scorer from."""
+    provider = get_provider(name)
+    fns = list(getattr(provider, "metric_fns", ()) or ())
+    fns += [f for f in getattr(provider, "score_metric_fns", ()) or () if f not in fns]
+    return [getattr(f, "__name__", None) or getattr(getattr(f, "func", None), "__name__", repr(f)) for f in fns]
+
+
+
 def eval_records(path: str, split: str = "validation", scorer: str = "exact_match", *, modules: Sequence[str] = (),
                  use_cached: bool = False, max_items: int | None = None) -> list[dict]:
     """A Task's split as eval-set records (docs/eval.md format; write them as JSONL for `ptm eval`): the
@@ -428,6 +467,7 @@ def eval_records(path: str, split: str = "validation", scorer: str = "exact_matc
     if kind(name, provider) != "lm":
         raise ConfigError(f"seqio:{name}: eval items need an LM Task ('targets', optionally 'inputs')")
     feats = dict(provider.output_features)
+    check_split(name, provider, split)
     try:
         ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
                                   num_epochs=1, trim_output_features=False)
