@@ -313,6 +313,28 @@ def _batch_counts(b: dict[str, np.ndarray]) -> tuple[int, int, int]:
     return int(seg.max(axis=1).sum()), int((seg != 0).sum()), int(b["loss_mask"].sum())
 
 
+def own_shard_only(process_count: int) -> bool:
+    """True in a real run of `process_count` JAX processes: each plans its own shard and they exchange counts."""
+    if process_count <= 1:
+        return False
+    import jax
+
+    return jax.process_count() == process_count
+
+
+def gather_arrays(local: np.ndarray) -> list[np.ndarray]:
+    """Every process's int64 [n, k] array (n may differ between processes), by process index."""
+    from ptm.parallel import sync
+
+    local = np.asarray(local, np.int64)
+    k = local.shape[1]
+    lengths = [row[0] for row in sync.gather_ints([local.shape[0]])]
+    padded = np.zeros((max(lengths), k), np.int64)
+    padded[: local.shape[0]] = local
+    flat = sync.gather_ints(padded.reshape(-1).tolist())
+    return [np.asarray(f, np.int64).reshape(-1, k)[:n] for f, n in zip(flat, lengths, strict=True)]
+
+
 class SeqioBatchIterator(grain.DatasetIterator):
     """A grain-checkpointable iterator over one host's seqio batches.
 
@@ -387,9 +409,10 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
                 verbose=False, seed=config.seed, batch_size=per_host)
         return build
 
-    # Plan: count every host's batches (each host must take the same number of steps) and their contents.
-    per_shard = []
-    for shard in range(process_count):
+    # Plan: every host must take the same number of steps, and stats.seen(k) needs every host's counts. In a
+    # real multi-process run each host plans only its own shard and the hosts exchange their counts; a single
+    # process standing in for P hosts (tests, tools) plans all P shards itself.
+    def plan_shard(shard: int) -> np.ndarray:
         try:
             ds = make(shard)()
             if config.num_steps:
@@ -397,7 +420,21 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
             counts = [_batch_counts(to_ptm_batch(b)) for b in ds.as_numpy_iterator()]
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"seqio:{name} split {config.split!r}: {type(e).__name__}: {e}") from e
-        per_shard.append(np.asarray(counts, np.int64).reshape(-1, 3))
+        return np.asarray(counts, np.int64).reshape(-1, 3)
+
+    def count_examples(task, shard: int = 0, num_shards: int = 1) -> int:  # after preprocessing
+        ds = task.get_dataset(tfl, split=config.split, use_cached=config.use_cached, shuffle=False, num_epochs=1,
+                              shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards))
+        return int(ds.reduce(np.int64(0), lambda x, _: x + 1))
+
+    tasks = list(seqio.get_subtasks(provider))
+    if own_shard_only(process_count):
+        per_shard = gather_arrays(plan_shard(process_index))
+        mine = [count_examples(t, process_index, process_count) for t in tasks]
+        sizes = np.sum(gather_arrays(np.asarray([mine])), axis=0).reshape(-1).tolist()
+    else:
+        per_shard = [plan_shard(shard) for shard in range(process_count)]
+        sizes = [count_examples(t) for t in tasks]
     num_batches = min(len(c) for c in per_shard)
     if config.num_steps and num_batches < config.num_steps:
         raise DataError(f"seqio:{name} split {config.split!r}: yields {num_batches} batches, not num_steps="
@@ -409,12 +446,9 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
     cum = np.zeros((num_batches + 1, 3), np.int64)
     np.cumsum(per_batch, axis=0, out=cum[1:])
 
-    distinct = 0
-    for task in seqio.get_subtasks(provider):
-        ds = task.get_dataset(tfl, split=config.split, use_cached=config.use_cached, shuffle=False, num_epochs=1)
-        n = int(ds.reduce(np.int64(0), lambda x, _: x + 1))
-        stats.sources[task.name] = {"path": f"{PREFIX}{task.name}", "read": n, "examples": n}
-        distinct += n
+    for task, n in zip(tasks, sizes, strict=True):
+        stats.sources[task.name] = {"path": f"{PREFIX}{task.name}", "read": int(n), "examples": int(n)}
+    distinct = int(sum(sizes))
     stats.examples = distinct
     stats.num_batches = num_batches
     stats.packed_rows = num_batches * config.global_batch_size
