@@ -380,6 +380,29 @@ class SeqioBatchIterator(grain.DatasetIterator):
         return f"SeqioBatchIterator({self._ident}, {self._k}/{self._n})"
 
 
+def host_dataset(config, name: str, tfl: dict[str, int], shard: int, num_shards: int):
+    """Host `shard` of `num_shards`' batches, exactly as t5x builds them (tf.data, numpy via as_numpy_iterator)."""
+    seqio = seqio_module()
+    return seqio.get_dataset(
+        name, task_feature_lengths=tfl, feature_converter=seqio.DecoderFeatureConverter(pack=config.pack),
+        dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
+        num_epochs=None if config.num_steps else config.num_epochs,
+        shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards), verbose=False, seed=config.seed,
+        batch_size=config.global_batch_size // num_shards)
+
+
+def plan_counts(config, name: str, tfl: dict[str, int], shard: int, num_shards: int) -> np.ndarray:
+    """[batches, 3] (examples, tokens, loss tokens) of one host's batches: one pass of its input pipeline."""
+    try:
+        ds = host_dataset(config, name, tfl, shard, num_shards)
+        if config.num_steps:
+            ds = ds.take(config.num_steps)
+        counts = [_batch_counts(to_ptm_batch(b)) for b in ds.as_numpy_iterator()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"seqio:{name} split {config.split!r}: {type(e).__name__}: {e}") from e
+    return np.asarray(counts, np.int64).reshape(-1, 3)
+
+
 def build_lm_train_data(config, tokenizer, *, process_index: int, process_count: int, stats):
     """(iterator, stats) for one `seqio:NAME` LM source (see the module docstring). `stats` is a fresh
     DataStats; it is filled in here."""
@@ -398,29 +421,15 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
     check_vocabulary(provider, tokenizer, name)
     tfl = feature_lengths(config, provider, name)
     per_host = config.global_batch_size // process_count
-    epochs = None if config.num_steps else config.num_epochs
 
     def make(shard: int):
-        def build():
-            return seqio.get_dataset(
-                name, task_feature_lengths=tfl, feature_converter=seqio.DecoderFeatureConverter(pack=config.pack),
-                dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
-                num_epochs=epochs, shard_info=seqio.ShardInfo(index=shard, num_shards=process_count),
-                verbose=False, seed=config.seed, batch_size=per_host)
-        return build
+        return lambda: host_dataset(config, name, tfl, shard, process_count)
 
     # Plan: every host must take the same number of steps, and stats.seen(k) needs every host's counts. In a
     # real multi-process run each host plans only its own shard and the hosts exchange their counts; a single
     # process standing in for P hosts (tests, tools) plans all P shards itself.
     def plan_shard(shard: int) -> np.ndarray:
-        try:
-            ds = make(shard)()
-            if config.num_steps:
-                ds = ds.take(config.num_steps)
-            counts = [_batch_counts(to_ptm_batch(b)) for b in ds.as_numpy_iterator()]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"seqio:{name} split {config.split!r}: {type(e).__name__}: {e}") from e
-        return np.asarray(counts, np.int64).reshape(-1, 3)
+        return plan_counts(config, name, tfl, shard, process_count)
 
     def count_examples(task, shard: int = 0, num_shards: int = 1) -> int:  # after preprocessing
         ds = task.get_dataset(tfl, split=config.split, use_cached=config.use_cached, shuffle=False, num_epochs=1,
