@@ -481,7 +481,7 @@ def task_and_split(spec: str, default_split: str = "validation") -> tuple[str, s
     head, split = rest.rsplit(":", 1)
     if head in names and split:
         return head, split
-    get_provider(rest)  # raises, listing the registered names
+    get_provider(head)  # raises, naming the Task without the split and listing the registered names
     raise AssertionError("unreachable")
 
 

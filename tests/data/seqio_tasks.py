@@ -9,7 +9,8 @@ if unset; files already there are reused) and registers:
 - `ptm_nofeatures`: a Task whose only output feature is `text` (neither targets nor messages);
 - `ptm_qa`: prefix-LM with a `validation` split and t5's `sequence_accuracy` metric (an eval set for `ptm eval`),
   `ptm_bleu`: the same with a metric ptm has no scorer for, and the Mixture `ptm_evals` = ptm_qa + `ptm_qa2`
-  (another validation file).
+  (another validation file);
+- `ptm_bytevocab` (seqio's ByteVocabulary) and `ptm_extra_ids` (the SentencePiece model + 8 extra ids).
 All LM tasks use a SentencePiece vocabulary trained here (T5 ids: pad 0, eos 1, unk 2; no BOS), `spm.model`.
 """
 
@@ -149,6 +150,10 @@ _add("ptm_qa2", _lines(PREFIX_FILE, validation=QA2_VAL_FILE), [_split_tsv, *_LM_
      metric_fns=[sequence_accuracy])
 _add("ptm_bleu", _lines(PREFIX_FILE, validation=QA_VAL_FILE), [_split_tsv, *_LM_PREPROCESSORS], PREFIX_FEATURES,
      metric_fns=[bleu])
+_add("ptm_bytevocab", _lines(LM_FILE), [_as_targets, *_LM_PREPROCESSORS],
+     {"targets": seqio.Feature(seqio.ByteVocabulary(), add_eos=True)})
+_add("ptm_extra_ids", _lines(LM_FILE), [_as_targets, *_LM_PREPROCESSORS],
+     {"targets": seqio.Feature(seqio.SentencePieceVocabulary(SPM_PATH, extra_ids=8), add_eos=True)})
 for _name, _tasks in (("ptm_mix", [("ptm_mix_a", 3.0), ("ptm_mix_b", 1.0)]),
                       ("ptm_evals", [("ptm_qa", 1.0), ("ptm_qa2", 1.0)])):
     if _name in seqio.MixtureRegistry.names():
