@@ -74,6 +74,7 @@ def _write(tmp_path, skill="ptm_mix"):
     return str(p)
 
 
+@pytest.mark.slow  # a whole (tiny) study in this process: ~60-90 s on 2 shared cores
 def test_study_on_seqio_tasks_counts_costs_like_jsonl(tmp_path):
     cfg = load(_write(tmp_path), str(tmp_path / "out"))
     res = Experiment(cfg, log=lambda s: None).run()
