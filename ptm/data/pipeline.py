@@ -27,11 +27,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ptm.data.chat import encode_chat
-from ptm.data.sources import read_examples
+from ptm.data.sources import TokenizedExample, read_examples
 from ptm.data.tokenizers import Tokenizer
 from ptm.errors import ConfigError, DataError
 
 OVERLONG = ("truncate", "drop")
+SEQIO_LM = ("t5x", "examples")
 _OPEN_ROWS = 8  # packing considers this many partly filled rows (first fit), in example order otherwise
 _BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -70,6 +71,9 @@ class DataConfig:
     split: str = "train"
     use_cached: bool = False  # t5x USE_CACHED_TASKS
     num_steps: int | None = None  # t5x TRAIN_STEPS: repeat a seqio LM source and take this many batches
+    # seqio LM sources: "t5x" = seqio's own DecoderFeatureConverter batches (one source, whole split); "examples" =
+    # the Tasks' token ids through ptm's planner like JSONL (subsets, rates, mixing; `ptm experiment` uses it)
+    seqio_lm: str = "t5x"
 
     def __post_init__(self):
         if self.mixture_or_task_name:
@@ -155,6 +159,8 @@ def _validate(config: DataConfig, process_count: int, process_index: int) -> Non
             raise ConfigError(f"source {s.label}: subset_seed must be >= 0")
     if config.num_steps is not None and config.num_steps < 1:
         raise ConfigError(f"DataConfig.num_steps must be >= 1, got {config.num_steps}")
+    if config.seqio_lm not in SEQIO_LM:
+        raise ConfigError(f"DataConfig.seqio_lm must be one of {SEQIO_LM}, got {config.seqio_lm!r}")
 
 
 def _seqio_kinds(config: DataConfig) -> dict[str, str]:
@@ -170,11 +176,11 @@ def _seqio_kinds(config: DataConfig) -> dict[str, str]:
     return {p: seqio_source.kind(seqio_source.task_name(p)) for p in paths}
 
 
-def _read(src: SourceConfig, config: DataConfig) -> list:
+def _read(src: SourceConfig, config: DataConfig, tokenizer: Tokenizer) -> list:
     if str(src.path).startswith("seqio:"):
         from ptm.data import seqio_source
 
-        return seqio_source.read_chat_examples(src.path, config.split, config.use_cached)
+        return seqio_source.read_examples(src.path, config.split, config.use_cached, tokenizer=tokenizer)
     return read_examples(src.path)
 
 
@@ -194,14 +200,17 @@ def _tokenize(config: DataConfig, tokenizer: Tokenizer, stats: DataStats) -> _Po
     ranges: list[tuple[int, int]] = []
     limit = config.seq_len + 1  # ids; an example of k ids fills k - 1 positions
     for src in config.sources:
-        records = _read(src, config)
+        records = _read(src, config, tokenizer)
         chosen = _subset(len(records), src)
         s = {"path": src.path, "read": len(records), "subset": len(chosen), "examples": 0, "skipped": 0,
              "truncated": 0, "dropped": 0}
         start = len(toks)
         for idx in tqdm(chosen, desc=f"tokenize {src.label}", disable=len(chosen) < 5000, leave=False):
             ex = records[idx]
-            ids, mask = encode_chat(ex.messages, tokenizer, where=ex.where)
+            if isinstance(ex, TokenizedExample):
+                ids, mask = ex.ids, ex.mask
+            else:
+                ids, mask = encode_chat(ex.messages, tokenizer, where=ex.where)
             if not mask.any():
                 s["skipped"] += 1
                 continue
@@ -365,14 +374,16 @@ def build_train_data(config: DataConfig, tokenizer: Tokenizer, *, process_index:
     `grain.checkpoint.CheckpointSave` / `CheckpointRestore` inside an Orbax `Composite`.
     """
     _validate(config, process_count, process_index)
-    if "lm" in _seqio_kinds(config).values():
+    kinds = _seqio_kinds(config)  # imports the seqio task modules, if any source needs them
+    if config.seqio_lm == "t5x" and "lm" in kinds.values():
         from ptm.data import seqio_source
 
         return seqio_source.build_lm_train_data(
             config, tokenizer, process_index=process_index, process_count=process_count,
             stats=DataStats(seq_len=config.seq_len, global_batch_size=config.global_batch_size))
     if config.num_steps is not None:
-        raise ConfigError("DataConfig.num_steps applies to seqio LM sources only (chat data takes whole epochs)")
+        raise ConfigError("DataConfig.num_steps applies to seqio LM sources with seqio_lm='t5x' only (ptm's "
+                          "planner takes whole epochs)")
     plan, stats = _plan(config, tokenizer)
     ds = grain.MapDataset.range(plan.num_batches).map(_maker(plan, config, tokenizer, process_index,
                                                              process_count))
@@ -387,8 +398,10 @@ def build_eval_batches(config: DataConfig, tokenizer: Tokenizer, *, process_inde
         config, shuffle=False, num_epochs=1,
         sources=[dataclasses.replace(s, epochs=1.0, rate=1.0) for s in config.sources])
     _validate(cfg, process_count, process_index)
-    if "lm" in _seqio_kinds(cfg).values():
-        raise ConfigError("held-out batches from a seqio LM source are not supported; use a chat Task or JSONL")
+    kinds = _seqio_kinds(cfg)
+    if cfg.seqio_lm == "t5x" and "lm" in kinds.values():
+        raise ConfigError("held-out batches from a seqio LM source need DataConfig.seqio_lm='examples' (or use a "
+                          "chat Task or JSONL)")
     plan, stats = _plan(cfg, tokenizer)
     make = _maker(plan, cfg, tokenizer, process_index, process_count)
     return [make(i) for i in range(plan.num_batches)], stats

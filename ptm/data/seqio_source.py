@@ -100,6 +100,27 @@ def kind(name: str, provider=None) -> str:
                       "for prefix-LM) nor 'messages' (chat); ptm cannot train on it")
 
 
+def check_split(name: str, provider, split: str) -> None:
+    """A split the Task/Mixture does not have is a DataError listing the ones it has."""
+    splits = list(getattr(provider, "splits", ()) or ())
+    if splits and split not in splits:
+        raise DataError(f"seqio:{name} has no split {split!r} (splits: {', '.join(splits)})")
+
+
+def vocabulary(name: str):
+    """The vocabulary of a Task/Mixture's `targets` (and `inputs`, which must be the same one)."""
+    feats = dict(get_provider(name).output_features)
+    keys = [k for k in ("inputs", "targets") if k in feats]
+    if not keys:
+        raise ConfigError(f"seqio:{name}: no 'inputs'/'targets' output feature carries a vocabulary (features: "
+                          f"{sorted(feats)}); a chat Task is text: give a tokenizer file instead")
+    vocabs = [feats[k].vocabulary for k in keys]
+    if any(v != vocabs[0] for v in vocabs[1:]):
+        raise ConfigError(f"seqio:{name}: 'inputs' and 'targets' have different vocabularies ({vocabs[0]} vs "
+                          f"{vocabs[1]}); a decoder-only model reads both with one tokenizer")
+    return vocabs[0]
+
+
 # --- chat Tasks: examples into ptm's own pipeline -------------------------------------------------------------
 
 def _messages(value: Any, where: str) -> list[dict]:
@@ -130,10 +151,10 @@ def read_chat_examples(path: str, split: str = "train", use_cached: bool = False
     provider = get_provider(name)
     seqio = seqio_module()
     if not isinstance(provider, seqio.Task):
-        raise ConfigError(f"seqio:{name} is a Mixture; chat data takes Tasks (list them as DataConfig.sources, "
-                          "each with its rate)")
+        raise ConfigError(f"seqio:{name} is a Mixture; read it with read_examples (its Tasks by their rates)")
     if kind(name, provider) != "chat":
         raise ConfigError(f"seqio:{name}: not a chat Task (no 'messages' output feature)")
+    check_split(name, provider, split)
     try:
         ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
                                   num_epochs=1, trim_output_features=False)
@@ -148,6 +169,74 @@ def read_chat_examples(path: str, split: str = "train", use_cached: bool = False
         out.append(_check({"messages": _messages(ex["messages"], where)}, where))
     if not out:
         raise DataError(f"seqio:{name} split {split!r}: no examples")
+    return out
+
+
+# --- any Task/Mixture as examples for ptm's planner (DataConfig.seqio_lm = "examples") ------------------------
+
+DECODER_START_ID = 0  # seqio's DecoderFeatureConverter starts every decoder input with id 0, as t5x does
+
+
+def read_lm_examples(path: str, split: str = "train", use_cached: bool = False) -> list:
+    """Every example of an LM Task's split (unshuffled) as `TokenizedExample`: ids = [0] + inputs + targets,
+    loss on the targets. ptm's shift (inputs = ids[:-1], targets = ids[1:]) then gives each example exactly the
+    unpacked `decoder_input_tokens` / `decoder_target_tokens` / `decoder_loss_weights` of seqio's
+    DecoderFeatureConverter (untrimmed: ptm's `overlong` applies instead of TASK_FEATURE_LENGTHS)."""
+    from ptm.data.sources import TokenizedExample
+
+    name = task_name(path)
+    task = get_provider(name)
+    feats = dict(task.output_features)
+    check_split(name, task, split)
+    try:
+        ds = task.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
+                              num_epochs=1, trim_output_features=False)
+        rows = list(ds.as_numpy_iterator())
+    except (ValueError, KeyError) as e:
+        raise DataError(f"seqio:{name} split {split!r}: {e}") from e
+    out = []
+    for i, ex in enumerate(rows, 1):
+        where = f"seqio:{name}/{split}:example {i}"
+        missing = [k for k in ("inputs", "targets") if k in feats and k not in ex]
+        if missing:
+            raise DataError(f"{where}: no {missing} feature (features: {sorted(ex)})")
+        inp = np.asarray(ex["inputs"], np.int32).reshape(-1) if "inputs" in feats else np.zeros(0, np.int32)
+        tgt = np.asarray(ex["targets"], np.int32).reshape(-1)
+        ids = np.concatenate([[DECODER_START_ID], inp, tgt]).astype(np.int32)
+        mask = np.concatenate([np.zeros(1 + len(inp), np.uint8), np.ones(len(tgt), np.uint8)])
+        out.append(TokenizedExample(ids, mask, where))
+    if not out:
+        raise DataError(f"seqio:{name} split {split!r}: no examples")
+    return out
+
+
+def _mixture_sample(counts: Sequence[int], rates: Sequence[float]) -> list[int]:
+    """How many examples of each Task one finite epoch of a Mixture holds: proportional to the rates, until the
+    first Task runs out (what seqio's `sample_from_datasets(stop_on_empty_dataset=True)` does in expectation)."""
+    scale = min(n / r for n, r in zip(counts, rates, strict=True) if r > 0)
+    return [min(n, int(np.floor(r * scale + 0.5))) if r > 0 else 0 for n, r in zip(counts, rates, strict=True)]
+
+
+def read_examples(path: str, split: str = "train", use_cached: bool = False, *, tokenizer=None) -> list:
+    """A `seqio:` source as examples for ptm's planner (like a JSONL file): a chat Task's conversations, an LM
+    Task's token ids (`read_lm_examples`; the vocabulary must be `tokenizer`'s), or a Mixture's Tasks in
+    proportion to its rates (`_mixture_sample`; each Task's sample is a fixed seeded subset, in file order)."""
+    name = task_name(path)
+    provider = get_provider(name)
+    seqio = seqio_module()
+    k = kind(name, provider)
+    if k == "lm" and tokenizer is not None:
+        check_vocabulary(provider, tokenizer, name)
+    read = read_chat_examples if k == "chat" else read_lm_examples
+    if isinstance(provider, seqio.Task):
+        return read(path, split, use_cached)
+    tasks = list(seqio.get_subtasks(provider))
+    per_task = [read(f"{PREFIX}{t.name}", split, use_cached) for t in tasks]
+    take = _mixture_sample([len(x) for x in per_task], [float(provider.get_rate(t)) for t in tasks])
+    out = []
+    for i, (examples, c) in enumerate(zip(per_task, take, strict=True)):
+        pick = np.sort(np.random.default_rng([4, i]).permutation(len(examples))[:c])
+        out.extend(examples[j] for j in pick)
     return out
 
 
@@ -224,6 +313,28 @@ def _batch_counts(b: dict[str, np.ndarray]) -> tuple[int, int, int]:
     return int(seg.max(axis=1).sum()), int((seg != 0).sum()), int(b["loss_mask"].sum())
 
 
+def own_shard_only(process_count: int) -> bool:
+    """True in a real run of `process_count` JAX processes: each plans its own shard and they exchange counts."""
+    if process_count <= 1:
+        return False
+    import jax
+
+    return jax.process_count() == process_count
+
+
+def gather_arrays(local: np.ndarray) -> list[np.ndarray]:
+    """Every process's int64 [n, k] array (n may differ between processes), by process index."""
+    from ptm.parallel import sync
+
+    local = np.asarray(local, np.int64)
+    k = local.shape[1]
+    lengths = [row[0] for row in sync.gather_ints([local.shape[0]])]
+    padded = np.zeros((max(lengths), k), np.int64)
+    padded[: local.shape[0]] = local
+    flat = sync.gather_ints(padded.reshape(-1).tolist())
+    return [np.asarray(f, np.int64).reshape(-1, k)[:n] for f, n in zip(flat, lengths, strict=True)]
+
+
 class SeqioBatchIterator(grain.DatasetIterator):
     """A grain-checkpointable iterator over one host's seqio batches.
 
@@ -269,44 +380,70 @@ class SeqioBatchIterator(grain.DatasetIterator):
         return f"SeqioBatchIterator({self._ident}, {self._k}/{self._n})"
 
 
+def host_dataset(config, name: str, tfl: dict[str, int], shard: int, num_shards: int):
+    """Host `shard` of `num_shards`' batches, exactly as t5x builds them (tf.data, numpy via as_numpy_iterator)."""
+    seqio = seqio_module()
+    return seqio.get_dataset(
+        name, task_feature_lengths=tfl, feature_converter=seqio.DecoderFeatureConverter(pack=config.pack),
+        dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
+        num_epochs=None if config.num_steps else config.num_epochs,
+        shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards), verbose=False, seed=config.seed,
+        batch_size=config.global_batch_size // num_shards)
+
+
+def plan_counts(config, name: str, tfl: dict[str, int], shard: int, num_shards: int) -> np.ndarray:
+    """[batches, 3] (examples, tokens, loss tokens) of one host's batches: one pass of its input pipeline."""
+    try:
+        ds = host_dataset(config, name, tfl, shard, num_shards)
+        if config.num_steps:
+            ds = ds.take(config.num_steps)
+        counts = [_batch_counts(to_ptm_batch(b)) for b in ds.as_numpy_iterator()]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"seqio:{name} split {config.split!r}: {type(e).__name__}: {e}") from e
+    return np.asarray(counts, np.int64).reshape(-1, 3)
+
+
 def build_lm_train_data(config, tokenizer, *, process_index: int, process_count: int, stats):
     """(iterator, stats) for one `seqio:NAME` LM source (see the module docstring). `stats` is a fresh
     DataStats; it is filled in here."""
     seqio = seqio_module()
     if len(config.sources) != 1:
         raise ConfigError("a seqio LM source (targets/inputs features) must be the only source; mix Tasks with a "
-                          "seqio Mixture and its rates")
+                          "seqio Mixture and its rates, or set DataConfig.seqio_lm='examples' (ptm's planner)")
     src = config.sources[0]
     if src.max_examples is not None or src.epochs != 1.0 or src.rate != 1.0:
-        raise ConfigError(f"source {src.path}: max_examples/epochs/rate do not apply to a seqio LM source (use "
-                          "DataConfig.num_epochs / num_steps, and a Mixture's rates)")
+        raise ConfigError(f"source {src.path}: max_examples/epochs/rate do not apply to a seqio LM source with "
+                          "seqio_lm='t5x' (use DataConfig.num_epochs / num_steps and a Mixture's rates, or "
+                          "DataConfig.seqio_lm='examples')")
     name = task_name(src.path)
     provider = get_provider(name)
+    check_split(name, provider, config.split)
     check_vocabulary(provider, tokenizer, name)
     tfl = feature_lengths(config, provider, name)
     per_host = config.global_batch_size // process_count
-    epochs = None if config.num_steps else config.num_epochs
 
     def make(shard: int):
-        def build():
-            return seqio.get_dataset(
-                name, task_feature_lengths=tfl, feature_converter=seqio.DecoderFeatureConverter(pack=config.pack),
-                dataset_split=config.split, use_cached=config.use_cached, shuffle=config.shuffle,
-                num_epochs=epochs, shard_info=seqio.ShardInfo(index=shard, num_shards=process_count),
-                verbose=False, seed=config.seed, batch_size=per_host)
-        return build
+        return lambda: host_dataset(config, name, tfl, shard, process_count)
 
-    # Plan: count every host's batches (each host must take the same number of steps) and their contents.
-    per_shard = []
-    for shard in range(process_count):
-        try:
-            ds = make(shard)()
-            if config.num_steps:
-                ds = ds.take(config.num_steps)
-            counts = [_batch_counts(to_ptm_batch(b)) for b in ds.as_numpy_iterator()]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"seqio:{name} split {config.split!r}: {type(e).__name__}: {e}") from e
-        per_shard.append(np.asarray(counts, np.int64).reshape(-1, 3))
+    # Plan: every host must take the same number of steps, and stats.seen(k) needs every host's counts. In a
+    # real multi-process run each host plans only its own shard and the hosts exchange their counts; a single
+    # process standing in for P hosts (tests, tools) plans all P shards itself.
+    def plan_shard(shard: int) -> np.ndarray:
+        return plan_counts(config, name, tfl, shard, process_count)
+
+    def count_examples(task, shard: int = 0, num_shards: int = 1) -> int:  # after preprocessing
+        ds = task.get_dataset(tfl, split=config.split, use_cached=config.use_cached, shuffle=False, num_epochs=1,
+                              shard_info=seqio.ShardInfo(index=shard, num_shards=num_shards))
+        return int(ds.reduce(np.int64(0), lambda x, _: x + 1))
+
+    tasks = list(seqio.get_subtasks(provider))
+    if own_shard_only(process_count):
+        per_shard = gather_arrays(plan_shard(process_index))
+        mine = [count_examples(t, process_index, process_count) for t in tasks]
+        sizes = np.sum(gather_arrays(np.asarray([mine])), axis=0).reshape(-1).tolist()
+    else:
+        per_shard = [plan_shard(shard) for shard in range(process_count)]
+        sizes = [count_examples(t) for t in tasks]
     num_batches = min(len(c) for c in per_shard)
     if config.num_steps and num_batches < config.num_steps:
         raise DataError(f"seqio:{name} split {config.split!r}: yields {num_batches} batches, not num_steps="
@@ -318,12 +455,9 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
     cum = np.zeros((num_batches + 1, 3), np.int64)
     np.cumsum(per_batch, axis=0, out=cum[1:])
 
-    distinct = 0
-    for task in seqio.get_subtasks(provider):
-        ds = task.get_dataset(tfl, split=config.split, use_cached=config.use_cached, shuffle=False, num_epochs=1)
-        n = int(ds.reduce(np.int64(0), lambda x, _: x + 1))
-        stats.sources[task.name] = {"path": f"{PREFIX}{task.name}", "read": n, "examples": n}
-        distinct += n
+    for task, n in zip(tasks, sizes, strict=True):
+        stats.sources[task.name] = {"path": f"{PREFIX}{task.name}", "read": int(n), "examples": int(n)}
+    distinct = int(sum(sizes))
     stats.examples = distinct
     stats.num_batches = num_batches
     stats.packed_rows = num_batches * config.global_batch_size
@@ -336,6 +470,35 @@ def build_lm_train_data(config, tokenizer, *, process_index: int, process_count:
 
 # --- eval: a Task's split as eval items ---------------------------------------------------------------------
 
+def task_and_split(spec: str, default_split: str = "validation") -> tuple[str, str]:
+    """`seqio:TASK[:SPLIT]` -> (TASK, SPLIT). seqio names may contain ':' themselves, so a registered name
+    wins: the last ':part' is the split only when the whole is not a Task/Mixture."""
+    rest = task_name(spec)
+    seqio = seqio_module()
+    names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+    if rest in names or ":" not in rest:
+        return rest, default_split
+    head, split = rest.rsplit(":", 1)
+    if head in names and split:
+        return head, split
+    get_provider(head)  # raises, naming the Task without the split and listing the registered names
+    raise AssertionError("unreachable")
+
+
+def subtask_names(name: str) -> list[str]:
+    """A Task's own name, or the Tasks of a Mixture (in its order)."""
+    return [t.name for t in seqio_module().get_subtasks(get_provider(name))]
+
+
+def metric_names(name: str) -> list[str]:
+    """The names of a Task's metric functions (predict and score metrics), to choose an eval scorer from."""
+    provider = get_provider(name)
+    fns = list(getattr(provider, "metric_fns", ()) or ())
+    fns += [f for f in getattr(provider, "score_metric_fns", ()) or () if f not in fns]
+    return [getattr(f, "__name__", None) or getattr(getattr(f, "func", None), "__name__", repr(f)) for f in fns]
+
+
+
 def eval_records(path: str, split: str = "validation", scorer: str = "exact_match", *, modules: Sequence[str] = (),
                  use_cached: bool = False, max_items: int | None = None) -> list[dict]:
     """A Task's split as eval-set records (docs/eval.md format; write them as JSONL for `ptm eval`): the
@@ -347,6 +510,7 @@ def eval_records(path: str, split: str = "validation", scorer: str = "exact_matc
     if kind(name, provider) != "lm":
         raise ConfigError(f"seqio:{name}: eval items need an LM Task ('targets', optionally 'inputs')")
     feats = dict(provider.output_features)
+    check_split(name, provider, split)
     try:
         ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
                                   num_epochs=1, trim_output_features=False)

@@ -24,6 +24,16 @@ class Example:
     where: str  # "file:line" for error messages downstream (e.g. an unknown role)
 
 
+@dataclass(frozen=True)
+class TokenizedExample:
+    """An example that is already token ids (a seqio LM Task's decoder sequence, `ptm.data.seqio_source`):
+    `mask` is 1 on the ids that carry loss, like the chat template's assistant mask."""
+
+    ids: Any  # int32 [n]
+    mask: Any  # uint8 [n]
+    where: str
+
+
 def _expand(path: str) -> list[epath.Path]:
     try:
         if any(c in path for c in "*?["):

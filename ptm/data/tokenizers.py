@@ -7,11 +7,12 @@ them; only BOS/EOS/PAD are used as ids directly.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from etils import epath
 
-from ptm.errors import DataError
+from ptm.errors import ConfigError, DataError
 
 
 @runtime_checkable
@@ -61,13 +62,18 @@ def _read_bytes(path: str) -> bytes:
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model file (e.g. Llama's tokenizer.model), local or gs://."""
+    """A SentencePiece model file (e.g. Llama's tokenizer.model), local or gs://.
 
-    def __init__(self, path: str):
+    `extra_ids` appends that many ids after the model's pieces, as seqio's `SentencePieceVocabulary(extra_ids=N)`
+    does (T5's sentinels): they count in `vocab_size`, are never produced by `encode` and decode to nothing.
+    """
+
+    def __init__(self, path: str, extra_ids: int = 0):
         import sentencepiece as spm
 
         self.path = str(path)
-        self.name = f"sentencepiece:{self.path}"
+        self.extra_ids = int(extra_ids)
+        self.name = f"sentencepiece:{self.path}" + (f"+{self.extra_ids}" if self.extra_ids else "")
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(_read_bytes(self.path))
@@ -78,7 +84,7 @@ class SentencePieceTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return int(self._sp.GetPieceSize())
+        return int(self._sp.GetPieceSize()) + self.extra_ids
 
     @property
     def bos_id(self) -> int | None:
@@ -99,7 +105,8 @@ class SentencePieceTokenizer:
         return list(self._sp.EncodeAsIds(text))
 
     def decode(self, ids) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids])
+        n = self._sp.GetPieceSize()
+        return self._sp.DecodeIds([int(i) for i in ids if int(i) < n])
 
 
 _BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
@@ -187,10 +194,33 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    """`"byte"`, or a path (local or gs://) to tokenizer.json / tokenizer.model, or a directory with one."""
+def seqio_tokenizer(spec: str, seqio_modules: Sequence[str] = ()) -> SentencePieceTokenizer:
+    """`seqio:NAME`: the vocabulary of a registered Task/Mixture's output features, as ptm's tokenizer.
+
+    A `SentencePieceVocabulary` becomes ptm's SentencePiece tokenizer on the same model file (and `extra_ids`),
+    so training, eval and the Task agree on every id. Other vocabularies (seqio's ByteVocabulary has its own id
+    offsets) are refused, as are Tasks whose `inputs` and `targets` vocabularies differ.
+    """
+    from ptm.data import seqio_source
+
+    seqio_source.import_modules(seqio_modules)
+    name = seqio_source.task_name(spec)
+    vocab = seqio_source.vocabulary(name)
+    seqio = seqio_source.seqio_module()
+    if not isinstance(vocab, seqio.SentencePieceVocabulary):
+        raise ConfigError(f"{spec}: its vocabulary is a {type(vocab).__name__}; ptm takes a seqio Task's "
+                          "vocabulary only when it is a SentencePieceVocabulary (give train.tokenizer / tokenizer "
+                          "= a tokenizer file instead)")
+    return SentencePieceTokenizer(vocab.sentencepiece_model_file, extra_ids=vocab.extra_ids)
+
+
+def load_tokenizer(spec: str, seqio_modules: Sequence[str] = ()) -> Tokenizer:
+    """`"byte"`, a path (local or gs://) to tokenizer.json / tokenizer.model or a directory with one, or
+    `seqio:NAME` (the SentencePiece vocabulary of a registered seqio Task; `seqio_modules` register it)."""
     if spec == "byte":
         return ByteTokenizer()
+    if spec.startswith("seqio:"):
+        return seqio_tokenizer(spec, seqio_modules)
     p = epath.Path(spec)
     try:
         if p.is_dir():

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         nargs="+",
         default=[],
         metavar="DIR_OR_FILE",
-        help="eval-set JSONL files or directories of them (needed unless --lm-eval or --code-eval is given)",
+        help="eval-set JSONL files or directories of them, or seqio:TASK[:SPLIT][?scorer=NAME] (needed unless "
+        "--lm-eval or --code-eval is given)",
     )
     p.add_argument(
         "--recipe",
@@ -43,6 +44,9 @@ def register(subparsers) -> None:
         default=None,
         help="'byte' or a tokenizer path (default: the checkpoint's metadata, else 'byte')",
     )
+    p.add_argument("--seqio_module", action="append", default=[], metavar="MODULE",
+                   help="Python module registering seqio Tasks, for --suite seqio:TASK[:SPLIT] entries and "
+                   "--tokenizer seqio:TASK (repeatable; the `seqio` extra)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -277,6 +281,10 @@ def run_eval(args) -> int:
     from ptm.parallel.spmd import cli_mesh, is_writer  # SPMD: join the cluster; one mesh over every host
 
     _code_exec.register()  # the `humaneval` scorer (executes nothing without --allow-code-execution)
+    if args.seqio_module:
+        from ptm.data.seqio_source import import_modules
+
+        import_modules(args.seqio_module)
     items = load_suite(args.suite) if args.suite else []  # fail on a bad suite before loading any model
     mesh = cli_mesh(args.mesh)  # a suite alone: its rows sharded over every host
     if (lm_tasks or code_sets) and _nproc() > 1:

@@ -147,10 +147,75 @@ def suite_files(suite: str | epath.Path | Sequence[str | epath.Path]) -> list[ep
     return files
 
 
+SEQIO_PREFIX = "seqio:"
+SEQIO_OPTIONS = ("scorer", "category", "max_items")
+# seqio / t5 metric function -> ptm scorer, where one means the other (t5.evaluation.metrics, seqio.metrics)
+SEQIO_METRIC_SCORERS = {"accuracy": "exact_match", "sequence_accuracy": "exact_match", "exact_match": "exact_match",
+                        "squad": "exact_match", "trivia_qa": "exact_match", "em": "exact_match"}
+
+
+def _is_seqio(entry: Any) -> bool:
+    return isinstance(entry, str) and entry.startswith(SEQIO_PREFIX)
+
+
+def load_seqio_set(spec: str) -> list[EvalItem]:
+    """`seqio:TASK[:SPLIT][?scorer=NAME&category=C&max_items=N]`: a registered seqio Task's split (default
+    `validation`) as eval items: its `inputs` text is the prompt, its `targets` text the reference. A Mixture
+    gives each of its Tasks as an eval task of its own (rates ignored), each with its own scorer.
+
+    The scorer is `scorer=` if given, else the Task's metric functions mapped by SEQIO_METRIC_SCORERS (e.g.
+    `sequence_accuracy` -> exact_match), else `perplexity` for a targets-only Task; anything else is a DataError
+    naming the Task's metrics. The Task's module must be imported first (`ptm eval --seqio_module`, the
+    experiment's `[seqio] modules`). seqio is imported only here, never when evalset is imported.
+    """
+    from urllib.parse import parse_qsl
+
+    from ptm.data import seqio_source
+
+    base, _, query = spec.partition("?")
+    opts = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))) if query else {}
+    bad = sorted(set(opts) - set(SEQIO_OPTIONS))
+    if bad:
+        raise DataError(f"{spec}: unknown option(s) {bad}; allowed: {', '.join(SEQIO_OPTIONS)}")
+    name, split = seqio_source.task_and_split(base)
+    try:
+        max_items = int(opts["max_items"]) if opts.get("max_items") else None
+    except ValueError:
+        raise DataError(f"{spec}: max_items must be an integer, got {opts['max_items']!r}") from None
+    items = []
+    for task in seqio_source.subtask_names(name):  # a Mixture is a suite: one eval task per Task
+        scorer = opts.get("scorer") or _seqio_scorer(task, spec)
+        recs = seqio_source.eval_records(f"{SEQIO_PREFIX}{task}", split, scorer, max_items=max_items)
+        if opts.get("category"):
+            recs = [{**r, "category": opts["category"]} for r in recs]
+        items += [parse_item(r, f"{SEQIO_PREFIX}{task}:{split}:item {i}") for i, r in enumerate(recs, 1)]
+    return items
+
+
+def _seqio_scorer(task: str, spec: str) -> str:
+    from ptm.data import seqio_source
+
+    names = seqio_source.metric_names(task)
+    mapped = sorted({SEQIO_METRIC_SCORERS[n] for n in names if n in SEQIO_METRIC_SCORERS})
+    if len(mapped) == 1:
+        return mapped[0]
+    if not names and "inputs" not in seqio_source.get_provider(task).output_features:
+        return "perplexity"
+    raise DataError(f"{spec}: cannot choose a scorer from the Task's metrics {names or '(none)'} (ptm maps "
+                    f"{sorted(SEQIO_METRIC_SCORERS)}); add ?scorer=NAME (one of {', '.join(sorted(scorers.SCORERS))})")
+
+
 def load_suite(suite: str | epath.Path | Sequence[str | epath.Path]) -> list[EvalItem]:
+    """Every item of a suite: eval files and directories, and `seqio:TASK[:SPLIT][?...]` entries
+    (`load_seqio_set`)."""
+    entries = [suite] if isinstance(suite, str | os.PathLike) else list(suite)
     items: list[EvalItem] = []
-    for f in suite_files(suite):
-        items.extend(load_eval_file(f))
+    for e in entries:  # in the order given
+        if _is_seqio(e):
+            items.extend(load_seqio_set(e))
+        else:
+            for f in suite_files(e):
+                items.extend(load_eval_file(f))
     if not items:
         raise DataError(f"eval suite {suite} has no items")
     return items

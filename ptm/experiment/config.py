@@ -145,6 +145,29 @@ class BaselineSpec:
 
 
 @dataclass(frozen=True)
+class SeqioSpec:
+    """`[seqio]`: how `seqio:NAME` data, tokenizer and eval specs are read (the optional seqio extra).
+
+    In the study a seqio LM Task is read as examples into ptm's planner (DataConfig.seqio_lm = "examples"), so
+    D_i subsets, RT's G + D_i mixtures and the example counts work exactly as for JSONL."""
+
+    modules: tuple[str, ...] = ()  # Python modules that register the Tasks/Mixtures (t5x MIXTURE_OR_TASK_MODULE)
+    split: str = "train"  # the training split of every seqio source
+    use_cached: bool = False  # t5x USE_CACHED_TASKS
+
+
+def is_seqio(path: Any) -> bool:
+    return isinstance(path, str) and path.startswith("seqio:")
+
+
+def uses_seqio(cfg: ExperimentConfig) -> bool:
+    """Does any data, tokenizer or eval entry name a seqio Task/Mixture (`seqio:NAME`)?"""
+    entries = (cfg.base.data, cfg.general.data, *(s.data for s in cfg.skills), cfg.tokenizer,
+               cfg.eval.validation, cfg.eval.test)
+    return any(is_seqio(p) for p in entries)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str
     source: str  # the TOML file
@@ -163,6 +186,7 @@ class ExperimentConfig:
     tokenizer: str = "byte"
     selection: str = "skill"
     compilation_cache: bool = True
+    seqio: SeqioSpec = SeqioSpec()
 
     def skill(self, name: str) -> SkillSpec:
         for s in self.skills:
@@ -172,6 +196,8 @@ class ExperimentConfig:
 
     def resolve(self, path: str) -> str:
         """A data/eval path from the config, absolute (env vars expanded; gs:// kept)."""
+        if is_seqio(path):  # a registered seqio Task/Mixture, not a file
+            return path
         p = os.path.expandvars(os.path.expanduser(path))
         if "$" in p:
             raise ConfigError(f"{self.source}: path {path!r} uses an unset environment variable")
@@ -182,7 +208,7 @@ class ExperimentConfig:
 
     def tokenizer_spec(self) -> str:
         """The tokenizer for ptm.data.tokenizers.load_tokenizer: "byte", or a resolved path."""
-        return "byte" if self.tokenizer == "byte" else self.resolve(self.tokenizer)
+        return "byte" if self.tokenizer == "byte" else self.resolve(self.tokenizer)  # seqio:NAME stays as is
 
     def data_root_dir(self) -> str:
         if self.data_root is not None:
@@ -320,6 +346,16 @@ def _mesh(t: _Table) -> MeshConfig:
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"{t.src}: [mesh]: sizes must be positive, with at most one -1, got {sizes}")
     return m
+
+
+def _seqio(t: _Table) -> SeqioSpec:
+    spec = SeqioSpec(
+        modules=t.str_list("modules", ()),
+        split=t.get("split", str, "train", check=bool, what="a split name"),
+        use_cached=t.get("use_cached", bool, False),
+    )
+    t.done()
+    return spec
 
 
 def _skill(name: str, t: _Table) -> SkillSpec:
@@ -527,6 +563,7 @@ def parse(d: dict[str, Any], source: str, results_dir: str | None = None) -> Exp
         tokenizer=top.get("tokenizer", str, "byte"),
         selection=selection,
         compilation_cache=top.get("compilation_cache", bool, True),
+        seqio=_seqio(top.table("seqio")),
     )
     top.done()
     check_consistency(cfg)

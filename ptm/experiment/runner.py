@@ -34,7 +34,7 @@ from typing import Any
 
 from ptm.errors import ConfigError, DataError
 from ptm.experiment import costs as C
-from ptm.experiment.config import ExperimentConfig
+from ptm.experiment.config import ExperimentConfig, is_seqio, uses_seqio
 from ptm.experiment.plan import ModelSpec, RunSpec, plan_models, plan_runs
 from ptm.experiment.task_specs import by_kind
 from ptm.parallel import sync
@@ -155,15 +155,16 @@ class Experiment:
                     generate_suite(suite_dir, seed=cfg.suite.seed, sizes=cfg.suite.sizes or None)
                 sync.stage_done("suite")
             self.say(f"[experiment {cfg.name}] toy suite ready: {suite_dir}")
+        self._check_seqio()
         missing = []
         for r in self.runs:
             for s in r.sources:
                 p = cfg.resolve(s.path)
-                if not p.startswith("gs://") and not os.path.exists(p):
+                if not p.startswith("gs://") and not is_seqio(p) and not os.path.exists(p):
                     missing.append(f"{p} (run {r.id})")
         for split in SPLITS:
             p = cfg.resolve(getattr(cfg.eval, split))
-            if not p.startswith("gs://") and not os.path.exists(p):
+            if not p.startswith("gs://") and not is_seqio(p) and not os.path.exists(p):
                 missing.append(f"{p} (eval {split})")
         missing += self._check_extra_tasks()
         if missing:
@@ -183,11 +184,24 @@ class Experiment:
 
         return extra_eval.check_ready(self.cfg, extra, SPLITS)
 
+    def _check_seqio(self) -> None:
+        """Import the `[seqio] modules` and check every `seqio:` training source names a usable Task/Mixture,
+        before anything trains (a typo is a ConfigError listing the registered names)."""
+        cfg = self.cfg
+        if not uses_seqio(cfg):
+            return
+        from ptm.data import seqio_source
+
+        seqio_source.import_modules(cfg.seqio.modules)
+        for path in dict.fromkeys(s.path for r in self.runs for s in r.sources if is_seqio(s.path)):
+            name = seqio_source.task_name(path)
+            seqio_source.kind(name, seqio_source.get_provider(name))
+
     # -------------------------------------------------------------------------------------------- training
 
     def _run_fingerprint(self, r: RunSpec) -> dict[str, Any]:
         cfg = self.cfg
-        return {
+        fp = {
             "id": r.id,
             "kind": r.kind,
             "sources": [{**asdict(s), "path": cfg.resolve(s.path)} for s in r.sources],
@@ -201,6 +215,9 @@ class Experiment:
             "pack": cfg.train.pack,
             "tokenizer": cfg.tokenizer_spec(),
         }
+        if uses_seqio(cfg):  # (only then: fingerprints of existing JSONL studies stay as they were)
+            fp["seqio"] = asdict(cfg.seqio)
+        return fp
 
     def train_run(self, r: RunSpec, i: int, n: int) -> None:
         cfg, d = self.cfg, self.run_dir(r.id)
@@ -250,6 +267,11 @@ class Experiment:
             num_epochs=h.epochs,
             seed=cfg.train.seed,
             pack=cfg.train.pack,
+            # seqio sources go through ptm's planner (subsets, G + D_i), counted like JSONL
+            seqio_modules=cfg.seqio.modules,
+            split=cfg.seqio.split,
+            use_cached=cfg.seqio.use_cached,
+            seqio_lm="examples",
         )
         opt = OptimizerConfig(
             learning_rate=h.learning_rate, warmup_ratio=h.warmup_ratio, weight_decay=h.weight_decay
@@ -442,7 +464,7 @@ class Experiment:
         if self._tok is None:
             from ptm.data.tokenizers import load_tokenizer
 
-            self._tok = load_tokenizer(self.cfg.tokenizer_spec())
+            self._tok = load_tokenizer(self.cfg.tokenizer_spec(), self.cfg.seqio.modules)
         return self._tok
 
     def _eval_mesh(self):

@@ -79,7 +79,7 @@ def train(
     pidx, pcount = jax.process_index(), jax.process_count()
     is_main = pidx == 0
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, data.seqio_modules)  # (`seqio:NAME`: the Task's vocabulary)
     if model.vocab_size < tok.vocab_size:
         raise ConfigError(
             f"model vocab_size={model.vocab_size} < tokenizer {tokenizer!r} vocab {tok.vocab_size}"

@@ -6,7 +6,11 @@ if unset; files already there are reused) and registers:
 - `ptm_prefix`: prefix-LM over a TSV file (`inputs<TAB>targets`);
 - `ptm_mix_a`, `ptm_mix_b` and the Mixture `ptm_mix` (rates 3 : 1); a-docs use letters a-h, b-docs q-x;
 - `ptm_chat`: chat data over a JSONL file (each line `{"messages": [...]}`), the `messages` feature is its text;
-- `ptm_nofeatures`: a Task whose only output feature is `text` (neither targets nor messages).
+- `ptm_nofeatures`: a Task whose only output feature is `text` (neither targets nor messages);
+- `ptm_qa`: prefix-LM with a `validation` split and t5's `sequence_accuracy` metric (an eval set for `ptm eval`),
+  `ptm_bleu`: the same with a metric ptm has no scorer for, and the Mixture `ptm_evals` = ptm_qa + `ptm_qa2`
+  (another validation file);
+- `ptm_bytevocab` (seqio's ByteVocabulary) and `ptm_extra_ids` (the SentencePiece model + 8 extra ids).
 All LM tasks use a SentencePiece vocabulary trained here (T5 ids: pad 0, eos 1, unk 2; no BOS), `spm.model`.
 """
 
@@ -126,6 +130,32 @@ _add("ptm_chat", _lines(CHAT_FILE), [_as_messages],
      {"messages": seqio.Feature(seqio.PassThroughVocabulary(1), dtype=tf.string, rank=0, add_eos=False)})
 _add("ptm_nofeatures", _lines(LM_FILE), [lambda ds: ds.map(lambda line: {"text": line})],
      {"text": seqio.Feature(seqio.PassThroughVocabulary(1), dtype=tf.string, rank=0, add_eos=False)})
-if "ptm_mix" in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove("ptm_mix")
-seqio.MixtureRegistry.add("ptm_mix", [("ptm_mix_a", 3.0), ("ptm_mix_b", 1.0)])
+
+
+def sequence_accuracy(targets, predictions):
+    """t5.evaluation.metrics.sequence_accuracy (ptm maps a metric of this name onto its exact_match scorer)."""
+    return {"sequence_accuracy": 100 * sum(t == p for t, p in zip(targets, predictions, strict=True)) / len(targets)}
+
+
+def bleu(targets, predictions):
+    return {"bleu": 0.0}
+
+
+QA_VALIDATION, QA2_VALIDATION = PREFIX_PAIRS[:6], PREFIX_PAIRS[6:10]
+QA_VAL_FILE = _write("qa_validation.tsv", [f"{a}\t{b}" for a, b in QA_VALIDATION])
+QA2_VAL_FILE = _write("qa2_validation.tsv", [f"{a}\t{b}" for a, b in QA2_VALIDATION])
+_add("ptm_qa", _lines(PREFIX_FILE, validation=QA_VAL_FILE), [_split_tsv, *_LM_PREPROCESSORS], PREFIX_FEATURES,
+     metric_fns=[sequence_accuracy])
+_add("ptm_qa2", _lines(PREFIX_FILE, validation=QA2_VAL_FILE), [_split_tsv, *_LM_PREPROCESSORS], PREFIX_FEATURES,
+     metric_fns=[sequence_accuracy])
+_add("ptm_bleu", _lines(PREFIX_FILE, validation=QA_VAL_FILE), [_split_tsv, *_LM_PREPROCESSORS], PREFIX_FEATURES,
+     metric_fns=[bleu])
+_add("ptm_bytevocab", _lines(LM_FILE), [_as_targets, *_LM_PREPROCESSORS],
+     {"targets": seqio.Feature(seqio.ByteVocabulary(), add_eos=True)})
+_add("ptm_extra_ids", _lines(LM_FILE), [_as_targets, *_LM_PREPROCESSORS],
+     {"targets": seqio.Feature(seqio.SentencePieceVocabulary(SPM_PATH, extra_ids=8), add_eos=True)})
+for _name, _tasks in (("ptm_mix", [("ptm_mix_a", 3.0), ("ptm_mix_b", 1.0)]),
+                      ("ptm_evals", [("ptm_qa", 1.0), ("ptm_qa2", 1.0)])):
+    if _name in seqio.MixtureRegistry.names():
+        seqio.MixtureRegistry.remove(_name)
+    seqio.MixtureRegistry.add(_name, _tasks)

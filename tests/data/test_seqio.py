@@ -201,7 +201,8 @@ def test_cli_errors_exit_non_zero(tmp_path, capsys):
 def test_core_does_not_import_seqio(tmp_path):
     import subprocess
 
-    code = ("import sys, ptm.data.pipeline, ptm.train.loop, ptm.config, ptm.cli; "
+    code = ("import sys, ptm.data.pipeline, ptm.data.tokenizers, ptm.train.loop, ptm.eval.evalset, "
+            "ptm.experiment.runner, ptm.config, ptm.cli; "
             "bad = [m for m in ('seqio', 'tensorflow') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import jax
-import numpy as np
 import pytest
 
 pytest.importorskip("seqio", reason="the optional `seqio` extra is not installed (pip install -e .[seqio])")
 
-from ptm.ckpt.params import load_params  # noqa: E402
+from tests.resume import assert_same_run, kill_after_checkpoint  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FLAGS = [
@@ -50,14 +45,6 @@ def _cmd(run_dir, spm):
             f"--gin.MODEL_DIR='{run_dir}'"]
 
 
-def _losses(run_dir):
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        out[m["step"]] = m["loss"]
-    return out
-
-
 def test_sigkill_and_resume_on_a_seqio_source_is_bitwise_identical(tmp_path):
     data = tmp_path / "data"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PTM_SEQIO_TEST_DIR": str(data),
@@ -67,25 +54,10 @@ def test_sigkill_and_resume_on_a_seqio_source_is_bitwise_identical(tmp_path):
     subprocess.run(_cmd(ref, spm), check=True, env=env, capture_output=True, timeout=600)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(run, spm), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "3").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random().uniform(0.0, 1.0))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert killed_at, "the run was killed before any checkpoint was committed"
-    assert not (run / "run.json").exists(), "killed too late: the run had already finished"
-
+    kill_after_checkpoint(_cmd(run, spm), run, env, step=3, jitter_s=1.0)
     out = subprocess.run(_cmd(run, spm), check=True, env=env, capture_output=True, text=True, timeout=600)
     assert "resumed at step" in out.stdout
-    a, meta_a = load_params(ref)
-    b, meta_b = load_params(run)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert meta_a["step"] == meta_b["step"] == 12
-    assert meta_a["data"] == meta_b["data"] and meta_a["data"]["train_examples"] == 120
-    assert _losses(ref) == _losses(run)
+    meta, _ = assert_same_run(ref, run)
+    assert meta["step"] == 12 and meta["data"]["train_examples"] == 120
     state = json.loads(next((run / "checkpoints" / "12" / "data_iter").glob("process_*.json")).read_text())
     assert state["batches_done"] == 12 and state["source"] == "seqio:ptm_lm"
