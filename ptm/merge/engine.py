@@ -34,6 +34,7 @@ from ptm.ckpt import writers as W
 from ptm.ckpt.dtypes import parse_dtype
 from ptm.errors import MergeError
 from ptm.merge import hf_output
+from ptm.merge import inputs as merge_inputs
 from ptm.merge import methods as M
 from ptm.merge import recipe as R
 
@@ -132,11 +133,7 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
         jobs.append(_Job(r, method, opts, {}, None))
     cache = store_cache if store_cache is not None else {}
     uniq = list(dict.fromkeys(paths))
-    stores = []
-    for p in uniq:
-        if p not in cache:
-            cache[p] = S.open_store(p)
-        stores.append(cache[p])
+    stores = merge_inputs.open_inputs(recipes, uniq, cache)  # + frankenmerge stacks, vocabulary views
     infos = check_compatible(stores)
     n_layers_ = n_layers(infos)
     pos = {p: i for i, p in enumerate(uniq)}
@@ -495,7 +492,7 @@ def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, me
     norm = [placement.normalize(o) for o in outs]
     if len(set(norm)) != len(norm):
         raise MergeError(f"two recipes write the same output: {outs}")
-    inputs = [s.path for s in plan.stores]
+    inputs = merge_inputs.source_paths(plan.stores)
     for o in outs:
         if _process()[0] == 0:
             placement.recover(o, say=lambda m: print(m, file=sys.stderr, flush=True))
@@ -612,8 +609,8 @@ def merge(
             meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j), tokenizer=tokenizer)
             if isinstance(j.writer, W.SafetensorsWriter):
                 dts = {d for d in j.out_dtypes.values()}
-                j.writer.commit(meta, leader, extra_files=hf_output.extra_files(j.recipe, dts.pop() if len(dts) == 1
-                                                                                else None))
+                j.writer.commit(meta, leader, extra_files=hf_output.extra_files(
+                    j.recipe, dts.pop() if len(dts) == 1 else None, pl.infos, pl.n_layers, pl.stores))
             else:
                 j.writer.commit(meta, leader)
         _barrier("ptm-merge-committed")
