@@ -213,7 +213,8 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
                         "weights": weights_for(ns[0])} for key, ns in groups.items() if key != default]
     if sl is not None:
         r.slices = _recipe_slices(sl, r.input_paths(), base, where)
-        if len(sl) > 1 and any(isinstance(w, dict) for w in (r.weights if isinstance(r.weights, list) else [r.weights])):
+        ws = r.weights if isinstance(r.weights, list) else [r.weights]
+        if len(sl) > 1 and any(isinstance(w, dict) for w in ws):
             raise ConfigError(f"{where}: a gradient parameter with several slices is not supported by ptm yet "
                               "(mergekit interpolates it within each slice)")
     dt, odt = cfg.get("dtype"), cfg.get("out_dtype")

@@ -56,15 +56,17 @@ def parse(slices: Any, n_inputs: int, paths: list[str], where: str = "recipe") -
                     raise ConfigError(f"{at}.sources[{k}]: a source is {{model = ..., layer_range = [a, b]}} "
                                       f"(got keys {sorted(src)})")
                 model, rng = str(src.get("model", paths[k])), src["layer_range"]
-            if (not isinstance(rng, list | tuple) or len(rng) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng) or not 0 <= rng[0] < rng[1]):
+            ints = isinstance(rng, list | tuple) and len(rng) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in rng)
+            if not ints or not 0 <= rng[0] < rng[1]:
                 raise ConfigError(f"{at}.sources[{k}]: layer_range must be [start, stop) with 0 <= start < stop, "
                                   f"got {rng!r}")
             row.append(Source(model, int(rng[0]), int(rng[1])))
         lens = {r.stop - r.start for r in row}
         if len(lens) > 1:
-            raise ConfigError(f"{at}: the sources' layer ranges differ in length ({[(r.model, [r.start, r.stop]) for r in row]}); "
-                              "aligned slices need equal lengths")
+            got = [(r.model, [r.start, r.stop]) for r in row]
+            raise ConfigError(f"{at}: the sources' layer ranges differ in length ({got}); aligned slices need "
+                              "equal lengths")
         out.append(row)
     return out
 

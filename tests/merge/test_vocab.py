@@ -92,11 +92,9 @@ def test_rows_token_by_token_and_transformers_loads(models, tmp_path, spec):
         src = {m: f32(stores.open_store(models[m]).read(n, ())) for m in ("base", "chat", "perm")}
         voc = {m: _vocab(models[m]) for m in src}
         for tok, i in ov.items():
-            def row(k, tok=tok):
-                return _rule(tok, k, src, voc)
-
-            pre = row("base")
-            want = pre + np.float32(0.5) * (row("chat") - pre) + np.float32(0.25) * (row("perm") - pre)
+            row = {k: _rule(tok, k, src, voc) for k in src}
+            pre = row["base"]
+            want = pre + np.float32(0.5) * (row["chat"] - pre) + np.float32(0.25) * (row["perm"] - pre)
             np.testing.assert_allclose(got[i], want, atol=1e-6, err_msg=f"{n} {tok}")
     cfg = json.load(open(f"{out}/config.json"))
     assert cfg["vocab_size"] == len(ov)
