@@ -110,3 +110,43 @@ def test_hf_frankenmerge_loads_in_transformers(tmp_path):
     assert np.array_equal(so.read("model.norm.weight", ()), sa.read("model.norm.weight", ()))
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_example_mergekit_configs_parse():
+    import glob
+    import os
+
+    from ptm.merge import mergekit_yaml
+
+    root = os.path.join(os.path.dirname(__file__), "../../configs/merges")
+    files = sorted(glob.glob(f"{root}/*.yml"))
+    assert len(files) >= 4
+    got = {os.path.basename(f): mergekit_yaml.load(f, out="o")[0] for f in files}
+    frank = got["mergekit_frankenmerge.yml"]
+    assert frank.method == "passthrough"
+    assert [s["sources"][0]["layer_range"] for s in frank.slices] == [[0, 12], [4, 16]]
+    assert got["mergekit_ties_union_tokenizer.yml"].tokenizer == "union"
+    assert got["mergekit_slerp_slices.yml"].slices and got["mergekit_slerp_slices.yml"].method == "slerp"
+    (toml,) = recipe.load(f"{root}/frankenmerge.toml")
+    assert toml.slices[1]["sources"][1]["model"] == "runs/skill-code"
+
+
+def test_cli_runs_a_mergekit_frankenmerge(two, tmp_path):
+    import yaml
+
+    from ptm import cli
+
+    (a, b, _), (ta, tb, _) = two
+    cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": a, "layer_range": [0, 2]}]},
+                                                      {"sources": [{"model": b, "layer_range": [2, 3]}]}]}
+    p = tmp_path / "frank.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["merge", str(p), "--out", str(tmp_path / "o")]) == 0
+    got = restore(str(tmp_path / "o"))
+    n = "layers.mlp.w_up"
+    assert np.array_equal(got[n], np.concatenate([ta[n][:2], tb[n][2:]]))
+    assert np.array_equal(got["final_norm.scale"], tb["final_norm.scale"])  # the last slice's model
+    bad = tmp_path / "bad.yml"
+    bad.write_text(yaml.safe_dump({**cfg, "slices": [{"sources": [{"model": a, "layer_range": [0, 9]}]}]}))
+    assert cli.main(["merge", str(bad), "--out", str(tmp_path / "o2")]) != 0
+    assert not (tmp_path / "o2").exists()

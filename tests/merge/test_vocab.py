@@ -143,3 +143,42 @@ def test_mergekit_yaml_union_and_errors(models, tmp_path):
         engine.merge(Recipe("task_arithmetic", {"pre": models["base"], "skills": [models["chat"]]},
                             out=str(tmp_path / "y"), tokenizer="nope"), progress=False, summary=False)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def _ptm_ckpt(path, seed: int, tok_json: str) -> str:
+    """A ptm Orbax checkpoint (untied: lm_head.kernel [E, V], vocabulary on axis 1) naming `tok_json`."""
+    from ptm.ckpt import format as ckpt_format
+    from tests.merge.conftest import random_tree, save_orbax
+
+    n = len(_vocab(tok_json.rsplit("/", 1)[0]))
+    t = random_tree(seed, dtype=np.float32, vocab=n)
+    t["lm_head"] = {"kernel": np.random.default_rng(seed + 9).standard_normal((16, n)).astype(np.float32)}
+    save_orbax(path, t)
+    meta = ckpt_format.read_meta(path)
+    ckpt_format.write_meta(path, {**meta, "model": {**meta["model"], "vocab_size": n, "num_layers": 3},
+                                  "tokenizer": tok_json})
+    return str(path)
+
+
+def test_orbax_inputs_ptm_names(tmp_path):
+    from ptm.ckpt import format as ckpt_format
+    from ptm.data.tokenizers import load_tokenizer
+    from tests.merge.conftest import restore
+
+    hb, hc = _hf(tmp_path / "hb", 0, WORDS), _hf(tmp_path / "hc", 1, WORDS[::-1], ["<|im_start|>"])
+    b = _ptm_ckpt(tmp_path / "b", 0, f"{hb}/tokenizer.json")
+    c = _ptm_ckpt(tmp_path / "c", 1, f"{hc}/tokenizer.json")
+    vb, vc = _vocab(hb), _vocab(hc)
+    tb, tc = restore(b), restore(c)
+    for spec, voc in (("base", vb), (c, vc)):
+        out = str(tmp_path / f"o{len(voc)}")
+        engine.merge(Recipe("linear", {"models": [b, c]}, weights=[0.5, 0.5], out=out, tokenizer=spec),
+                     progress=False, summary=False)
+        got, meta = restore(out), ckpt_format.read_meta(out)
+        assert got["lm_head.kernel"].shape == (16, len(voc)) and got["embed.embedding"].shape == (len(voc), 16)
+        assert meta["model"]["vocab_size"] == len(voc) and load_tokenizer(meta["tokenizer"]).vocab_size == len(voc)
+        for tok, i in voc.items():
+            rb = tb["lm_head.kernel"][:, vb[tok]] if tok in vb else tc["lm_head.kernel"][:, vc[tok]]
+            rc = tc["lm_head.kernel"][:, vc[tok]]
+            np.testing.assert_allclose(got["lm_head.kernel"][:, i], np.float32(0.5) * rb + np.float32(0.5) * rc,
+                                       atol=1e-6, err_msg=tok)
