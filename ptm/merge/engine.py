@@ -37,6 +37,7 @@ from ptm.merge import hf_output
 from ptm.merge import inputs as merge_inputs
 from ptm.merge import methods as M
 from ptm.merge import recipe as R
+from ptm.merge import vocab as merge_vocab
 
 PIECE_BYTES = 16 << 20  # float32 bytes of one piece (= one output chunk)
 BLOCK = 1 << 15  # elements per cache-sized block of the inner loop
@@ -83,8 +84,10 @@ def check_compatible(stores: list[S.InputStore]) -> dict[str, S.TensorInfo]:
         for n in sorted(set(ref) & set(t)):
             a, b = ref[n], t[n]
             if a.shape != b.shape:
+                hint = " (vocabularies differ? set tokenizer = 'base' | 'union' | an input)" if (
+                    n in merge_vocab.VOCAB_AXIS) else ""
                 problems.append(
-                    f"{st.path}: tensor {n!r} has shape {list(b.shape)}, {stores[0].path} has {list(a.shape)}"
+                    f"{st.path}: tensor {n!r} has shape {list(b.shape)}, {stores[0].path} has {list(a.shape)}{hint}"
                 )
             if a.dtype != b.dtype:
                 problems.append(

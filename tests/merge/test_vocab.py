@@ -135,6 +135,9 @@ def test_mergekit_yaml_union_and_errors(models, tmp_path):
     a = stores.open_store(str(tmp_path / "mk")).read("model.embed_tokens.weight", ())
     b = stores.open_store(_merge(models, tmp_path, "union", "o2")).read("model.embed_tokens.weight", ())
     assert np.array_equal(a, b)
+    with pytest.raises(MergeError, match="vocabularies differ"):
+        engine.merge(Recipe("task_arithmetic", {"pre": models["base"], "skills": [models["chat"]]},
+                            out=str(tmp_path / "x")), progress=False, summary=False)
     bad = Recipe("task_arithmetic", {"pre": models["base"], "skills": [models["chat"]]}, out=str(tmp_path / "x"),
                  tokenizer="union", output_format="orbax")
     with pytest.raises(MergeError, match="safetensors"):
