@@ -156,6 +156,25 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
     return Plan(stores, infos, jobs, n_layers_)
 
 
+def piece_shape(shard: tuple[int, ...], full: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Pieces of at most PIECE_BYTES (float32) that tile `shard`: W.chunk_shape's exact divisors, unless they
+    are tiny (a 32002-row embedding has no divisor between 2 and 16001: one-row pieces); then the first axis
+    that needs splitting and is not split across devices (shard == full there) takes a ragged last piece."""
+    exact = W.chunk_shape(shard, 4, PIECE_BYTES)
+    if math.prod(exact) * 4 * 4 >= PIECE_BYTES or math.prod(shard) * 4 <= PIECE_BYTES:
+        return exact
+    full = full or shard
+    chunk = list(shard)
+    for ax in range(len(chunk)):
+        rest = math.prod(chunk[ax + 1:]) * 4
+        if rest * chunk[ax] <= PIECE_BYTES:
+            break
+        if shard[ax] != full[ax]:
+            return exact
+        chunk[ax] = max(1, min(chunk[ax], PIECE_BYTES // rest))
+    return tuple(chunk)
+
+
 # ------------------------------------------------------------------------------------------------- sharding
 
 
@@ -252,7 +271,7 @@ class _Combiner:
         ones."""
         info = self.plan.infos[name]
         full = _norm_index((), info.shape)
-        chunk = W.chunk_shape(info.shape, 4, PIECE_BYTES)
+        chunk = piece_shape(info.shape)
         for ji, j in enumerate(self.plan.jobs):
             if j.method.stats is None:
                 continue
@@ -281,7 +300,7 @@ class _Combiner:
     def _unit_stream(self, j: _Job, name: str, region: tuple[slice, ...]) -> Callable[[], Iterator[Any]]:
         """A restartable stream of (x, flat_index) over the pieces of one unit, x as the method's fn gets it."""
         shape = self.plan.infos[name].shape
-        chunk = W.chunk_shape(tuple(s.stop - s.start for s in region), 4, PIECE_BYTES)
+        chunk = piece_shape(tuple(s.stop - s.start for s in region))
         used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
 
         def gen() -> Iterator[Any]:
@@ -474,7 +493,7 @@ def _layout(plan: Plan, mesh) -> tuple[dict[str, tuple[int, ...]], dict[str, lis
             sh = default_sharding(mesh, info.shape)
             shard_shape = sh.shard_shape(info.shape)
             regs = local_shards(sh, info.shape)
-        chunks[n] = W.chunk_shape(shard_shape, 4, PIECE_BYTES)
+        chunks[n] = piece_shape(shard_shape, info.shape)
         regions[n] = regs
     return chunks, regions
 
@@ -654,7 +673,7 @@ def merge_to_tree(
         info = pl.infos[name]
         shape = tuple(s.stop - s.start for s in reg)
         out = np.empty(shape, pl.jobs[0].out_dtypes[name])
-        for p in pieces(reg, W.chunk_shape(shape, 4, PIECE_BYTES)):
+        for p in pieces(reg, piece_shape(shape)):
             arrays = [s.read(name, p) for s in pl.stores]
             local = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(p, reg, strict=True))
             out[local] = comb.combine(name, p, arrays)[0]

@@ -138,6 +138,7 @@ class VocabView(S.InputStore):
         self.inner, self.path, self.kind = inner, inner.path, inner.kind
         self.paths = getattr(inner, "paths", [inner.path])
         self._cache: dict[str, np.ndarray] = {}
+        self._sources: Any = None  # _plan_rows(), computed on first use
         self._infos = dict(inner.tensors())
         n = len(surgery.tokens)
         for name, ax in VOCAB_AXIS.items():
@@ -163,30 +164,55 @@ class VocabView(S.InputStore):
         a = st.read(name, ())
         return a if VOCAB_AXIS[name] == 0 else a.T
 
-    def _build(self, name: str) -> np.ndarray:
-        own = self._rows(self.k, name)
-        vocabs, base = self.surgery.vocabs, self.surgery.base
-        rows: dict[int, np.ndarray] = {}
-
-        def row(j: int, t: str) -> np.ndarray:
-            if j not in rows:
-                rows[j] = own if j == self.k else self._rows(j, name)
-            i = vocabs[j][t]
-            if i >= rows[j].shape[0]:
-                raise MergeError(f"{self.stores[j].path}: tensor {name!r} has {rows[j].shape[0]} rows but its "
-                                 f"tokenizer gives token {t!r} id {i}")
-            return rows[j][i]
-
-        out = np.empty((len(self.surgery.tokens), *own.shape[1:]), own.dtype)
+    def _plan_rows(self) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], list[tuple[int, list[tuple[int, int]]]]]:
+        """Where each output row comes from (the rule of the module docstring), independent of the tensor:
+        {input j: (output rows, its rows)} for copied rows, and [(output row, [(j, row), ...])] for means."""
+        vocabs, base, k = self.surgery.vocabs, self.surgery.base, self.k
+        copy_: dict[int, tuple[list[int], list[int]]] = {}
+        means = []
         for o, t in enumerate(self.surgery.tokens):
-            if t in vocabs[self.k]:
-                out[o] = row(self.k, t)
-            elif t in vocabs[base]:
-                out[o] = row(base, t)
+            j = k if t in vocabs[k] else base if t in vocabs[base] else None
+            if j is None:
+                have = [i for i, v in enumerate(vocabs) if t in v]
+                if len(have) > 1:
+                    means.append((o, [(i, vocabs[i][t]) for i in have]))
+                    continue
+                j = have[0]
+            dst, src = copy_.setdefault(j, ([], []))
+            dst.append(o)
+            src.append(vocabs[j][t])
+        return {j: (np.asarray(d), np.asarray(r)) for j, (d, r) in copy_.items()}, means
+
+    def _build(self, name: str) -> np.ndarray:
+        if self._sources is None:
+            self._sources = self._plan_rows()
+        copies, means = self._sources
+        rows = {j: self._rows(j, name) for j in {*copies, *(i for _, have in means for i, _ in have)}}
+        for j, (_, src) in copies.items():
+            if src.size and src.max() >= rows[j].shape[0]:
+                t = self.surgery.tokens[int(copies[j][0][src.argmax()])]
+                raise MergeError(f"{self.stores[j].path}: tensor {name!r} has {rows[j].shape[0]} rows but its "
+                                 f"tokenizer gives token {t!r} id {int(src.max())}")
+        own = rows.get(self.k, next(iter(rows.values())))
+        out = np.empty((len(self.surgery.tokens), *own.shape[1:]), own.dtype)
+        bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[own.dtype.itemsize]
+        raw = out.view(bits)  # rows copied as raw bits: numpy's generic copy of bf16 is ~10x slower
+        for j, (dst, src) in copies.items():
+            if rows[j].dtype != own.dtype:
+                raise MergeError(f"{self.stores[j].path}: tensor {name!r} has dtype {rows[j].dtype}, "
+                                 f"{self.stores[self.k].path} has {own.dtype}")
+            r = rows[j].view(bits)
+            if np.array_equal(dst, np.arange(dst[0], dst[0] + dst.size)) and np.array_equal(
+                    src, np.arange(src[0], src[0] + src.size)):
+                raw[dst[0]:dst[0] + dst.size] = r[src[0]:src[0] + src.size]
             else:
-                have = [j for j, v in enumerate(vocabs) if t in v]
-                out[o] = row(have[0], t) if len(have) == 1 else np.mean(
-                    [row(j, t).astype(np.float32) for j in have], axis=0).astype(own.dtype)
+                raw[dst] = r[src]
+        for o, have in means:
+            for i, r in have:
+                if r >= rows[i].shape[0]:
+                    raise MergeError(f"{self.stores[i].path}: tensor {name!r} has {rows[i].shape[0]} rows but its "
+                                     f"tokenizer gives token {self.surgery.tokens[o]!r} id {r}")
+            out[o] = np.mean([rows[i][r].astype(np.float32) for i, r in have], axis=0).astype(own.dtype)
         return out if VOCAB_AXIS[name] == 0 else np.ascontiguousarray(out.T)
 
     def read_async(self, name: str, index: Any):

@@ -185,3 +185,12 @@ def test_orbax_inputs_ptm_names(tmp_path):
             rc = tc["lm_head.kernel"][:, vc[tok]]
             np.testing.assert_allclose(got["lm_head.kernel"][:, i], np.float32(0.5) * rb + np.float32(0.5) * rc,
                                        atol=1e-6, err_msg=tok)
+
+
+def test_tokenizer_past_the_embedding_is_an_error(tmp_path):
+    base = _hf(tmp_path / "b", 0, WORDS)
+    short = _hf(tmp_path / "s", 1, WORDS, ["<a>", "<b>"], rows=33)  # 34 tokens, 33 rows
+    with pytest.raises(MergeError, match=r"/s: tensor '(lm_head|model.embed_tokens).weight' has 33 rows .* id 33"):
+        engine.merge(Recipe("linear", {"models": [base, short]}, weights=[0.5, 0.5], out=str(tmp_path / "o"),
+                            tokenizer="union"), progress=False, summary=False)
+    assert not (tmp_path / "o").exists()
