@@ -7,8 +7,8 @@ normalize, rescale, select_topk, nuslerp_flatten, normalize_weights, eps, max_it
 `out_dtype`, `tokenizer_source` / `tokenizer: {source: base | <model>}`, `chat_template` (a Jinja string).
 `slices` (frankenmerges: passthrough, or any method over aligned slices — one source per model, equal range
 lengths, parameters given once) and `tokenizer_source: union | base | <model>` (vocabulary surgery, ptm.merge.vocab).
-Anything else (per-slice parameters, gradients across several slices, `tokenizer.tokens`, pad_to_multiple_of,
-named chat templates, unknown parameters) is a ConfigError naming it.
+Anything else (per-slice parameters, gradients across several slices, `filter` with slices, `tokenizer.tokens`,
+pad_to_multiple_of, named chat templates, unknown parameters) is a ConfigError naming it.
 """
 
 from __future__ import annotations
@@ -203,6 +203,8 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
         opts.pop("lambda_", None) if opts.get("lambda_", 1.0) == 1.0 else None
     r.method_options = opts
     if has_filters:
+        if sl is not None:
+            raise ConfigError(f"{where}: `filter` conditions together with `slices` are not supported by ptm yet")
         if tensor_names is None:
             raise ConfigError(f"{where}: `filter` conditions need the inputs' tensor names")
         groups: dict[str, list[str]] = {}
@@ -306,6 +308,8 @@ def load(path: str, out: str | None = None) -> list[Recipe]:
     if "filter" in text:
         from ptm.ckpt import stores
 
+        if "slices" in cfg:
+            return translate(cfg, out=out, where=path)  # refuses filters with slices, naming them
         m = cfg.get("base_model") or _model((cfg.get("models") or [None])[0], path)
         names = list(stores.open_store(_model(m, path)).tensors())
     return translate(cfg, out=out, tensor_names=names, where=path)

@@ -12,8 +12,12 @@ from ptm.merge.recipe import Recipe
 from tests.merge.conftest import f32, restore
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
-def test_general_weight(ckpts, tmp_path, method):
+def test_general_weight(ckpts, tmp_path):
+    for method in ("task_arithmetic", "ties", "dare"):  # one fixture for all three: it is the slow part
+        _check(ckpts, tmp_path / method, method)
+
+
+def _check(ckpts, tmp_path, method: str) -> None:
     paths, t = ckpts
     inputs = {"pre": paths["pre"], "general": paths["general"], "skills": [paths["s1"]]}
     opts = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare": {"drop_rate": 0.3}}[method]

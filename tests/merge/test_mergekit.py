@@ -38,7 +38,12 @@ def test_translate_and_errors():
                                                             {"sources": [{"model": "a", "layer_range": [1, 2],
                                                                           "parameters": {"weight": 2}}]}]},
                       "per-slice parameters"),
-                     ({"merge_method": "linear", "models": ["a"], "slices": []}, "not both")]:
+                     ({"merge_method": "linear", "models": ["a"], "slices": []}, "not both"),
+                     ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1],
+                                                                          "parameters": {"weight": [
+                                                                              {"filter": "mlp", "value": 2},
+                                                                              {"value": 1}]}}]}]},
+                      "filter")]:
         with pytest.raises(ConfigError, match=key):
             mergekit_yaml.translate(bad)
     f = mergekit_yaml.translate({"merge_method": "linear", "models": [
