@@ -34,8 +34,10 @@ from ptm.ckpt import writers as W
 from ptm.ckpt.dtypes import parse_dtype
 from ptm.errors import MergeError
 from ptm.merge import hf_output
+from ptm.merge import inputs as merge_inputs
 from ptm.merge import methods as M
 from ptm.merge import recipe as R
+from ptm.merge import vocab as merge_vocab
 
 PIECE_BYTES = 16 << 20  # float32 bytes of one piece (= one output chunk)
 BLOCK = 1 << 15  # elements per cache-sized block of the inner loop
@@ -82,8 +84,10 @@ def check_compatible(stores: list[S.InputStore]) -> dict[str, S.TensorInfo]:
         for n in sorted(set(ref) & set(t)):
             a, b = ref[n], t[n]
             if a.shape != b.shape:
+                hint = " (vocabularies differ? set tokenizer = 'base' | 'union' | an input)" if (
+                    n in merge_vocab.VOCAB_AXIS) else ""
                 problems.append(
-                    f"{st.path}: tensor {n!r} has shape {list(b.shape)}, {stores[0].path} has {list(a.shape)}"
+                    f"{st.path}: tensor {n!r} has shape {list(b.shape)}, {stores[0].path} has {list(a.shape)}{hint}"
                 )
             if a.dtype != b.dtype:
                 problems.append(
@@ -132,11 +136,7 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
         jobs.append(_Job(r, method, opts, {}, None))
     cache = store_cache if store_cache is not None else {}
     uniq = list(dict.fromkeys(paths))
-    stores = []
-    for p in uniq:
-        if p not in cache:
-            cache[p] = S.open_store(p)
-        stores.append(cache[p])
+    stores = merge_inputs.open_inputs(recipes, uniq, cache)  # + frankenmerge stacks, vocabulary views
     infos = check_compatible(stores)
     n_layers_ = n_layers(infos)
     pos = {p: i for i, p in enumerate(uniq)}
@@ -154,6 +154,25 @@ def plan(recipes: list[R.Recipe], store_cache: dict[str, S.InputStore] | None = 
             j.weights[n] = R.resolve_weights(j.recipe, j.method, n, n_layers_, j.heuristic)
             j.out_dtypes[n] = odt or info.dtype
     return Plan(stores, infos, jobs, n_layers_)
+
+
+def piece_shape(shard: tuple[int, ...], full: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Pieces of at most PIECE_BYTES (float32) that tile `shard`: W.chunk_shape's exact divisors, unless they
+    are tiny (a 32002-row embedding has no divisor between 2 and 16001: one-row pieces); then the first axis
+    that needs splitting and is not split across devices (shard == full there) takes a ragged last piece."""
+    exact = W.chunk_shape(shard, 4, PIECE_BYTES)
+    if math.prod(exact) * 4 * 4 >= PIECE_BYTES or math.prod(shard) * 4 <= PIECE_BYTES:
+        return exact
+    full = full or shard
+    chunk = list(shard)
+    for ax in range(len(chunk)):
+        rest = math.prod(chunk[ax + 1:]) * 4
+        if rest * chunk[ax] <= PIECE_BYTES:
+            break
+        if shard[ax] != full[ax]:
+            return exact
+        chunk[ax] = max(1, min(chunk[ax], PIECE_BYTES // rest))
+    return tuple(chunk)
 
 
 # ------------------------------------------------------------------------------------------------- sharding
@@ -252,7 +271,7 @@ class _Combiner:
         ones."""
         info = self.plan.infos[name]
         full = _norm_index((), info.shape)
-        chunk = W.chunk_shape(info.shape, 4, PIECE_BYTES)
+        chunk = piece_shape(info.shape)
         for ji, j in enumerate(self.plan.jobs):
             if j.method.stats is None:
                 continue
@@ -281,7 +300,7 @@ class _Combiner:
     def _unit_stream(self, j: _Job, name: str, region: tuple[slice, ...]) -> Callable[[], Iterator[Any]]:
         """A restartable stream of (x, flat_index) over the pieces of one unit, x as the method's fn gets it."""
         shape = self.plan.infos[name].shape
-        chunk = W.chunk_shape(tuple(s.stop - s.start for s in region), 4, PIECE_BYTES)
+        chunk = piece_shape(tuple(s.stop - s.start for s in region))
         used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
 
         def gen() -> Iterator[Any]:
@@ -474,7 +493,7 @@ def _layout(plan: Plan, mesh) -> tuple[dict[str, tuple[int, ...]], dict[str, lis
             sh = default_sharding(mesh, info.shape)
             shard_shape = sh.shard_shape(info.shape)
             regs = local_shards(sh, info.shape)
-        chunks[n] = W.chunk_shape(shard_shape, 4, PIECE_BYTES)
+        chunks[n] = piece_shape(shard_shape, info.shape)
         regions[n] = regs
     return chunks, regions
 
@@ -495,7 +514,7 @@ def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, me
     norm = [placement.normalize(o) for o in outs]
     if len(set(norm)) != len(norm):
         raise MergeError(f"two recipes write the same output: {outs}")
-    inputs = [s.path for s in plan.stores]
+    inputs = merge_inputs.source_paths(plan.stores)
     for o in outs:
         if _process()[0] == 0:
             placement.recover(o, say=lambda m: print(m, file=sys.stderr, flush=True))
@@ -612,8 +631,8 @@ def merge(
             meta = ckpt_format.make_meta(model or {}, step=0, provenance=_provenance(j), tokenizer=tokenizer)
             if isinstance(j.writer, W.SafetensorsWriter):
                 dts = {d for d in j.out_dtypes.values()}
-                j.writer.commit(meta, leader, extra_files=hf_output.extra_files(j.recipe, dts.pop() if len(dts) == 1
-                                                                                else None))
+                j.writer.commit(meta, leader, extra_files=hf_output.extra_files(
+                    j.recipe, dts.pop() if len(dts) == 1 else None, pl.infos, pl.n_layers, pl.stores))
             else:
                 j.writer.commit(meta, leader)
         _barrier("ptm-merge-committed")
@@ -654,7 +673,7 @@ def merge_to_tree(
         info = pl.infos[name]
         shape = tuple(s.stop - s.start for s in reg)
         out = np.empty(shape, pl.jobs[0].out_dtypes[name])
-        for p in pieces(reg, W.chunk_shape(shape, 4, PIECE_BYTES)):
+        for p in pieces(reg, piece_shape(shape)):
             arrays = [s.read(name, p) for s in pl.stores]
             local = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(p, reg, strict=True))
             out[local] = comb.combine(name, p, arrays)[0]

@@ -42,24 +42,45 @@ def source_dir(recipe: Any) -> str | None:
     return None
 
 
-def extra_files(recipe: Any, out_dtype: np.dtype | None) -> dict[str, bytes]:
-    """config.json (+ dtype), generation config, tokenizer files and chat template for a safetensors output."""
+def _read(d: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    out = {}
+    for f in names:
+        p = os.path.join(d, f)
+        if os.path.isfile(p):
+            with open(p, "rb") as fh:
+                out[f] = fh.read()
+    return out
+
+
+def extra_files(recipe: Any, out_dtype: np.dtype | None, infos: dict[str, Any] | None = None,
+                n_layers: int | None = None, stores: list[Any] | None = None) -> dict[str, bytes]:
+    """config.json (+ dtype, and the output's layer count and vocabulary size: a frankenmerge or vocabulary
+    surgery changes them), generation config, tokenizer files (the surgery's output tokenizer when there is one)
+    and chat template for a safetensors output."""
     out: dict[str, bytes] = {}
     src = source_dir(recipe)
     if src is not None:
-        for f in HF_FILES:
-            p = os.path.join(src, f)
-            if os.path.isfile(p):
-                with open(p, "rb") as fh:
-                    out[f] = fh.read()
-        if "config.json" in out and out_dtype is not None:
-            cfg: dict[str, Any] = json.loads(out["config.json"])
-            name = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(np.dtype(out_dtype).name)
-            if name:
-                for k in ("torch_dtype", "dtype"):
-                    if k in cfg or k == "torch_dtype":
-                        cfg[k] = name
-            out["config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
+        out.update(_read(src, HF_FILES))
+    surgery = next((s.surgery for s in stores or [] if getattr(s, "surgery", None) is not None), None)
+    if surgery is not None:
+        tok_files = [f for f in TOKENIZER_FILES if f not in ("generation_config.json", "chat_template.jinja")]
+        for f in tok_files:
+            out.pop(f, None)
+        out.update(surgery.files if surgery.files is not None else _read(surgery.tokenizer_dir, tuple(tok_files)))
+    if "config.json" in out:
+        cfg: dict[str, Any] = json.loads(out["config.json"])
+        name = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(
+            np.dtype(out_dtype).name) if out_dtype is not None else None
+        if name:
+            for k in ("torch_dtype", "dtype"):
+                if k in cfg or k == "torch_dtype":
+                    cfg[k] = name
+        emb = (infos or {}).get("model.embed_tokens.weight")
+        if emb is not None:
+            cfg["vocab_size"] = int(emb.shape[0])
+        if n_layers and "num_hidden_layers" in cfg:
+            cfg["num_hidden_layers"] = int(n_layers)
+        out["config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
     if recipe.chat_template:
         out["chat_template.jinja"] = recipe.chat_template.encode()
         if "tokenizer_config.json" in out:  # a template inside tokenizer_config.json would take precedence

@@ -5,12 +5,16 @@ a number, a layer gradient `[a, ..., b]` — non-layer tensors take the first an
 of `{filter: substring, value: ...}` conditions with an unfiltered default), top-level `parameters` (t, lambda,
 normalize, rescale, select_topk, nuslerp_flatten, normalize_weights, eps, max_iter, tol, int8_mask), `dtype`,
 `out_dtype`, `tokenizer_source` / `tokenizer: {source: base | <model>}`, `chat_template` (a Jinja string).
-Anything else (slices, union tokenizers, named chat templates, unknown parameters) is a ConfigError naming it.
+`slices` (frankenmerges: passthrough, or any method over aligned slices — one source per model, equal range
+lengths, parameters given once) and `tokenizer_source: union | base | <model>` (vocabulary surgery, ptm.merge.vocab).
+Anything else (per-slice parameters, gradients across several slices, `filter` with slices, `tokenizer.tokens`,
+pad_to_multiple_of, named chat templates, unknown parameters) is a ConfigError naming it.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 from ptm.errors import ConfigError
@@ -96,16 +100,15 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
     if not isinstance(cfg, dict):
         raise ConfigError(f"{where}: not a mapping")
     for k in cfg:
-        if k == "slices":
-            raise ConfigError(f"{where}: `slices` (frankenmerges / layer_range) is not supported by ptm yet")
-        if k not in TOP:
-            raise ConfigError(f"{where}: unsupported key {k!r} (supported: {sorted(TOP)})")
+        if k not in TOP and k != "slices":
+            raise ConfigError(f"{where}: unsupported key {k!r} (supported: {sorted(TOP | {'slices'})})")
     mm = cfg.get("merge_method")
     if mm not in METHODS:
         raise ConfigError(f"{where}: merge_method {mm!r} is not supported (supported: {sorted(METHODS)})")
     method, layout = METHODS[mm]
     base = _model(cfg["base_model"], f"{where}: base_model") if cfg.get("base_model") else None
-    entries = cfg.get("models") or []
+    sl = _slices(cfg, where) if "slices" in cfg else None
+    entries = [{k: v for k, v in e.items() if k != "layer_range"} for e in sl[0]] if sl else (cfg.get("models") or [])
     models, params = [], []
     for i, e in enumerate(entries):
         p = _model(e, f"{where}: models[{i}]")
@@ -116,6 +119,10 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
         for k in ps:
             if k not in PER_MODEL:
                 raise ConfigError(f"{where}: models[{i}].parameters: unsupported parameter {k!r}")
+        if p == base and layout == "tv" and "weight" in ps:
+            warnings.warn(f"{where}: models[{i}]: the weight on base_model {p!r} has no effect (as in mergekit "
+                          "0.1.5, measured); for a weighted base-side model use a ptm recipe's general_weight",
+                          stacklevel=2)
         models.append(p)
         params.append({k: _conditions(v, f"{where}: models[{i}].parameters.{k}") for k, v in ps.items()})
     gp = cfg.get("parameters") or {}
@@ -196,6 +203,8 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
         opts.pop("lambda_", None) if opts.get("lambda_", 1.0) == 1.0 else None
     r.method_options = opts
     if has_filters:
+        if sl is not None:
+            raise ConfigError(f"{where}: `filter` conditions together with `slices` are not supported by ptm yet")
         if tensor_names is None:
             raise ConfigError(f"{where}: `filter` conditions need the inputs' tensor names")
         groups: dict[str, list[str]] = {}
@@ -204,6 +213,12 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
         default = repr(weights_for(None))
         r.overrides = [{"pattern": "re:^(" + "|".join(re.escape(n) for n in ns) + ")$",
                         "weights": weights_for(ns[0])} for key, ns in groups.items() if key != default]
+    if sl is not None:
+        r.slices = _recipe_slices(sl, r.input_paths(), base, where)
+        ws = r.weights if isinstance(r.weights, list) else [r.weights]
+        if len(sl) > 1 and any(isinstance(w, dict) for w in ws):
+            raise ConfigError(f"{where}: a gradient parameter with several slices is not supported by ptm yet "
+                              "(mergekit interpolates it within each slice)")
     dt, odt = cfg.get("dtype"), cfg.get("out_dtype")
     for k, v in (("dtype", dt), ("out_dtype", odt)):
         if v is not None and v not in ("float32", "bfloat16", "float16"):
@@ -212,22 +227,75 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
     r.output_dtype = odt or dt
     tok = cfg.get("tokenizer_source")
     if isinstance(cfg.get("tokenizer"), dict):
-        bad = set(cfg["tokenizer"]) - {"source"}
+        bad = set(cfg["tokenizer"]) - {"source"}  # `tokens` (per-token sources), pad_to_multiple_of: not yet
         if bad:
             raise ConfigError(f"{where}: tokenizer: unsupported key(s) {sorted(bad)}")
         tok = cfg["tokenizer"].get("source")
     elif cfg.get("tokenizer") is not None:
         raise ConfigError(f"{where}: tokenizer must be a mapping {{source: ...}}")
     if tok is not None:
-        if tok == "union" or isinstance(tok, dict):
-            raise ConfigError(f"{where}: tokenizer source {tok!r} is not supported (base or a model path)")
-        r.hf_source = base if tok == "base" else _model(tok, f"{where}: tokenizer source")
+        if isinstance(tok, dict) or not isinstance(tok, str):
+            raise ConfigError(f"{where}: tokenizer source {tok!r} is not supported (base, union or a model path)")
+        tok = tok.removeprefix("model:")
+        if tok not in ("base", "union") and tok not in r.input_paths():
+            raise ConfigError(f"{where}: tokenizer source {tok!r} must be base, union or one of the models")
+        r.tokenizer = tok
+        r.output_format = r.output_format or ("safetensors" if tok == "union" else None)
     ct = cfg.get("chat_template")
     if ct is not None:
         if not isinstance(ct, str) or "{" not in ct:
             raise ConfigError(f"{where}: chat_template {ct!r}: only a literal Jinja template is supported")
         r.chat_template = ct
     return [r]
+
+
+def _slices(cfg: dict[str, Any], where: str) -> list[list[dict[str, Any]]]:
+    """mergekit `slices`: per slice, its sources (model, layer_range, parameters)."""
+    if "models" in cfg:
+        raise ConfigError(f"{where}: give `models` or `slices`, not both")
+    sl = cfg["slices"]
+    if not isinstance(sl, list) or not sl:
+        raise ConfigError(f"{where}: slices must be a non-empty list")
+    out = []
+    for i, s in enumerate(sl):
+        if not isinstance(s, dict) or set(s) != {"sources"} or not isinstance(s["sources"], list) or not s["sources"]:
+            raise ConfigError(f"{where}: slices[{i}] must be {{sources: [...]}} (got {s!r})")
+        for k, src in enumerate(s["sources"]):
+            if not isinstance(src, dict) or "model" not in src or "layer_range" not in src or (
+                    set(src) - {"model", "layer_range", "parameters"}):
+                raise ConfigError(f"{where}: slices[{i}].sources[{k}] needs model and layer_range (and optional "
+                                  f"parameters), got {src!r}")
+        if i and len(s["sources"]) != len(sl[0]["sources"]):
+            raise ConfigError(f"{where}: slices[{i}] has {len(s['sources'])} sources, slices[0] has "
+                              f"{len(sl[0]['sources'])}: ptm merges aligned slices (one source per model)")
+        if i and [src.get("parameters") for src in s["sources"]] != [src.get("parameters") for src in sl[0]["sources"]]:
+            raise ConfigError(f"{where}: slices[{i}]: per-slice parameters that differ from slices[0]'s are not "
+                              "supported by ptm yet (give them once, in slices[0] or globally)")
+        out.append(s["sources"])
+    return out
+
+
+def _recipe_slices(sl: list[list[dict[str, Any]]], inputs: list[str], base: str | None, where: str
+                   ) -> list[dict[str, Any]]:
+    """ptm recipe slices: per slice one source per recipe input (the base_model's source at the base's position,
+    the other sources in order at the other positions)."""
+    out = []
+    for i, srcs in enumerate(sl):
+        rest = [s for s in srcs if base is None or _model(s["model"], where) != base]
+        at_base = [s for s in srcs if base is not None and _model(s["model"], where) == base]
+        row = []
+        for p in inputs:
+            if base is not None and p == base:
+                if not at_base:
+                    raise ConfigError(f"{where}: slices[{i}] has no source from base_model {base!r}")
+                s = at_base[0]
+            else:
+                if not rest:
+                    raise ConfigError(f"{where}: slices[{i}] has fewer sources than slices[0]")
+                s = rest.pop(0)
+            row.append({"model": _model(s["model"], where), "layer_range": [int(v) for v in s["layer_range"]]})
+        out.append({"sources": row})
+    return out
 
 
 def load(path: str, out: str | None = None) -> list[Recipe]:
@@ -240,6 +308,8 @@ def load(path: str, out: str | None = None) -> list[Recipe]:
     if "filter" in text:
         from ptm.ckpt import stores
 
+        if "slices" in cfg:
+            return translate(cfg, out=out, where=path)  # refuses filters with slices, naming them
         m = cfg.get("base_model") or _model((cfg.get("models") or [None])[0], path)
         names = list(stores.open_store(_model(m, path)).tensors())
     return translate(cfg, out=out, tensor_names=names, where=path)

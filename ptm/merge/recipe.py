@@ -46,6 +46,8 @@ TOP_KEYS = {
     "hf_source",
     "chat_template",
     "shard_bytes",
+    "slices",
+    "tokenizer",
 }
 
 
@@ -69,6 +71,8 @@ class Recipe:
     hf_source: str | None = None  # safetensors output: copy config.json + tokenizer files from this model dir
     chat_template: str | None = None  # safetensors output: a Jinja chat template written as chat_template.jinja
     shard_bytes: int | None = None  # safetensors output: HF shards of at most this many bytes (+ index)
+    slices: list[dict[str, Any]] | None = None  # frankenmerge: output layers from input layer ranges (merge.slices)
+    tokenizer: str | None = None  # "base" | "union" | an input path: vocabulary surgery (merge.vocab)
 
     def input_paths(self) -> list[str]:
         """All input paths in a fixed role order (what the engine opens and reads)."""
@@ -156,7 +160,15 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
         hf_source=d.get("hf_source"),
         chat_template=d.get("chat_template"),
         shard_bytes=d.get("shard_bytes"),
+        slices=d.get("slices"),
+        tokenizer=d.get("tokenizer"),
     )
+    if base.slices is not None:
+        from ptm.merge import slices
+
+        slices.parse(base.slices, len(base.input_paths()), base.input_paths(), where)
+    if base.tokenizer is not None and not isinstance(base.tokenizer, str):
+        raise ConfigError(f"{where}: tokenizer must be 'base', 'union' or an input path, got {base.tokenizer!r}")
     if "sweep" not in d:
         if "outs" in d:
             raise ConfigError(f"{where}: `outs` is only for sweeps; use `out`")

@@ -31,7 +31,19 @@ def test_translate_and_errors():
     for bad, key in [({"merge_method": "ties", "slices": []}, "slices"), ({"merge_method": "x"}, "x"),
                      ({"merge_method": "linear", "models": ["a"], "foo": 1}, "foo"),
                      ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"bar": 1}}]}, "bar"),
-                     ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union"}}, "union")]:
+                     ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union", "tokens": {}}},
+                      "tokens"),
+                     ({"merge_method": "linear", "models": ["a"], "tokenizer_source": "c"}, "one of the models"),
+                     ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]},
+                                                            {"sources": [{"model": "a", "layer_range": [1, 2],
+                                                                          "parameters": {"weight": 2}}]}]},
+                      "per-slice parameters"),
+                     ({"merge_method": "linear", "models": ["a"], "slices": []}, "not both"),
+                     ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1],
+                                                                          "parameters": {"weight": [
+                                                                              {"filter": "mlp", "value": 2},
+                                                                              {"value": 1}]}}]}]},
+                      "filter")]:
         with pytest.raises(ConfigError, match=key):
             mergekit_yaml.translate(bad)
     f = mergekit_yaml.translate({"merge_method": "linear", "models": [
@@ -146,3 +158,63 @@ def test_agrees_with_mergekit(tmp_path, method):
         total += x.size
     if method not in RANDOM:
         assert agree / total >= 0.9999, f"{method}: {agree / total:.6f} of elements within one bf16 step"
+
+
+def _deep(path, seed: int, tok_dir: str) -> str:
+    """A 3-layer tiny Llama (float32) with the tokenizer files of `tok_dir`."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    for f in os.listdir(tok_dir):
+        if f.startswith(("tokenizer", "special")):
+            shutil.copy(f"{tok_dir}/{f}", path)
+    return str(path)
+
+
+@pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
+def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
+    """Frankenmerges (passthrough; task arithmetic over aligned slices) and vocabulary surgery (union, base):
+    the same tensors, shapes and output vocabulary as mergekit 0.1.5, within 1e-6 (float32)."""
+    pytest.importorskip("transformers")
+    from ptm.ckpt import stores
+    from tests.merge.test_vocab import WORDS, _hf, _vocab
+
+    base = _hf(tmp_path / "base", 0, WORDS)
+    chat = _hf(tmp_path / "chat", 1, WORDS, ["<|im_start|>", "<|im_end|>"])
+    perm = _hf(tmp_path / "perm", 2, WORDS[::-1], ["<|im_start|>"], rows=40)
+    d0, d1, d2 = (_deep(tmp_path / f"d{i}", i, base) for i in range(3))
+
+    def src(m, a, b, w=None):
+        return {"model": m, "layer_range": [a, b], **({"parameters": {"weight": w}} if w is not None else {})}
+
+    cfgs = {
+        "passthrough": {"merge_method": "passthrough", "slices": [{"sources": [src(d0, 0, 2)]},
+                                                                  {"sources": [src(d1, 1, 3)]}]},
+        "aligned": {"merge_method": "task_arithmetic", "base_model": d0, "slices": [
+            {"sources": [src(d0, 0, 2), src(d1, 0, 2, 0.5), src(d2, 0, 2, 0.3)]},
+            {"sources": [src(d0, 1, 3), src(d1, 1, 3, 0.5), src(d2, 1, 3, 0.3)]}]},
+        **{f"tokenizer_{s}": {"merge_method": "task_arithmetic", "base_model": base, "tokenizer_source": s,
+                              "models": [{"model": chat, "parameters": {"weight": 0.5}},
+                                         {"model": perm, "parameters": {"weight": 0.25}}]} for s in ("union", "base")},
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    for name, cfg in cfgs.items():
+        p = tmp_path / f"{name}.yml"
+        p.write_text(yaml.safe_dump({"dtype": "float32", **cfg}))
+        res = subprocess.run([MK, str(p), str(tmp_path / f"mk_{name}"), "--allow-crimes"], capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        engine.merge(mergekit_yaml.load(str(p), out=str(tmp_path / f"ptm_{name}")), progress=False, summary=False)
+        a, b = stores.open_store(str(tmp_path / f"mk_{name}")), stores.open_store(str(tmp_path / f"ptm_{name}"))
+        assert set(a.tensors()) == set(b.tensors()), name
+        for n in a.tensors():
+            x, y = a.read(n, ()).astype(np.float32), b.read(n, ()).astype(np.float32)
+            assert x.shape == y.shape and np.abs(x - y).max() <= 1e-6, (name, n)
+        if name.startswith("tokenizer"):
+            assert _vocab(tmp_path / f"mk_{name}") == _vocab(tmp_path / f"ptm_{name}")

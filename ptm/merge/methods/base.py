@@ -99,8 +99,14 @@ def _f32(w: float) -> np.float32:
     return np.float32(w)
 
 
-def _anchor(x: Arrays) -> np.ndarray:
-    return x.get("general", x["pre"])
+def _anchor(x: Arrays, general_weight: float = 1.0) -> np.ndarray:
+    """What the task vectors are added to: general (or pre without one); with `general_weight` w != 1,
+    pre + w (general - pre) — a weight on the base-side model, as a mergekit config that lists it gives."""
+    if general_weight == 1:
+        return x.get("general", x["pre"])
+    if "general" not in x:
+        raise MergeError(f"general_weight = {general_weight!r} needs a `general` input (the base-side model)")
+    return x["pre"] + _f32(general_weight) * (x["general"] - x["pre"])
 
 
 def kth_largest_abs(blocks: Callable[[], Iterable[np.ndarray]] | Iterable[np.ndarray], k: int) -> float:

@@ -24,22 +24,24 @@ from ptm.merge.methods.base import (
 )
 
 
-def task_arithmetic(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
+def task_arithmetic(x: Arrays, w: list[float], ctx: Context, general_weight: float = 1.0) -> np.ndarray:
     """theta_G + sum_k omega_k (theta_k - theta_pre) (paper Eq. 1-2); anchor = pre when no general is
-    given."""
+    given; `general_weight` w_G != 1 makes the anchor theta_pre + w_G (theta_G - theta_pre)."""
     pre = x["pre"]
-    out = np.array(x.get("general", pre), dtype=np.float32, copy=True)
+    out = np.array(_anchor(x, general_weight), dtype=np.float32, copy=True)
     for s, wk in zip(x["skills"], w, strict=True):
         out += _f32(wk) * (s - pre)
     return out
 
 
 def task_arithmetic_shared(roles: dict[str, Any], w: list[float], bufs: list[np.ndarray],
-                           shared: SharedBlock) -> np.ndarray:
+                           shared: SharedBlock, general_weight: float = 1.0) -> np.ndarray:
     """Bit-identical to `task_arithmetic` (anchor + w_0 tau_0 + w_1 tau_1 ..., same rounding order), but each
     tau = skill - pre is computed once per block for all jobs of a pass (a sweep) instead of once per job."""
     pre = roles["pre"]
     anchor = bufs[roles.get("general", pre)]
+    if general_weight != 1:
+        anchor = _anchor({"pre": bufs[pre], **({"general": anchor} if "general" in roles else {})}, general_weight)
     out = shared.scratch("task_arithmetic.out")
     if not roles["skills"]:
         out[...] = anchor
@@ -125,7 +127,7 @@ register(
         ("pre", "skills"),
         ("general",),
         "skills",
-        {},
+        {"general_weight": 1.0},
         doc="theta_G + sum_k omega_k (theta_k - theta_pre)",
         shared_fn=task_arithmetic_shared,
     )

@@ -31,7 +31,7 @@ from ptm.merge.methods.base import (
 
 
 def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize: bool = True,
-         convention: str = "ptm") -> np.ndarray:
+         convention: str = "ptm", general_weight: float = 1.0) -> np.ndarray:
     """TIES: trim each task vector to its top-`density` magnitudes, elect the sign of the weighted sum, and take
     the (weight-)mean of the entries that agree with it. Weights are applied before the vote (as mergekit does).
     convention "ptm": keep every |tau| >= the ceil(density n)-th largest, no sign on a zero vote; "mergekit": keep
@@ -44,7 +44,7 @@ def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize:
             keep = (a > np.float32(thr)) | ((a == np.float32(thr)) & (idx <= np.uint64(cut))) if cut >= 0 else (
                 a > np.float32(thr))
             taus.append(np.where(keep, t, np.float32(0)))
-        return _anchor(x) + _consensus_sum(taus, w, True, normalize, "mergekit")
+        return _anchor(x, general_weight) + _consensus_sum(taus, w, True, normalize, "mergekit")
     pre = x["pre"]
     thr = ctx.stats.get("thresholds") or [0.0] * len(x["skills"])
     taus = []
@@ -53,7 +53,7 @@ def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize:
         if t > 0:
             tau[np.abs(tau) < np.float32(t)] = 0
         taus.append(tau)
-    return _anchor(x) + _consensus_sum(taus, w, True, normalize, "ptm")
+    return _anchor(x, general_weight) + _consensus_sum(taus, w, True, normalize, "ptm")
 
 
 def ties_stats(
@@ -102,11 +102,12 @@ def ties_unit_stats(stream, numel: int, density: Any = 1.0, convention: str = "p
     return {"exact": out}
 
 
-def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, convention: str = "ptm") -> np.ndarray:
+def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, convention: str = "ptm",
+         general_weight: float = 1.0) -> np.ndarray:
     """DARE (linear): drop each task-vector entry with probability p, rescale the rest by 1/(1-p) (convention
     "mergekit": by the unit's |tau|_1 / |tau kept|_1), then anchor + sum_k omega_k tau_k'. The mask of skill k at
     element i is a function of (seed, tensor name, k, i)."""
-    out = np.array(_anchor(x), dtype=np.float32, copy=True)
+    out = np.array(_anchor(x, general_weight), dtype=np.float32, copy=True)
     for t, wk in zip(_dare_taus(x, ctx, drop_rate, convention), w, strict=True):
         out += _f32(wk) * t
     return out
@@ -271,7 +272,7 @@ register(
         ("pre", "skills"),
         ("general",),
         "skills",
-        {"density": 1.0, "normalize": True, "convention": "ptm"},
+        {"density": 1.0, "normalize": True, "convention": "ptm", "general_weight": 1.0},
         stats=ties_stats,
         unit_stats=ties_unit_stats,
         doc="trim, elect sign, disjoint mean",
@@ -284,7 +285,7 @@ register(
         ("pre", "skills"),
         ("general",),
         "skills",
-        {"drop_rate": 0.1, "convention": "ptm"},
+        {"drop_rate": 0.1, "convention": "ptm", "general_weight": 1.0},
         unit_stats=dare_stats,
         doc="random drop p, rescale 1/(1-p), task arithmetic",
     )
