@@ -198,15 +198,17 @@ class _Rows:
         rev = sorted(range(len(starts)), key=lambda b: int(f"{b:0{bits}b}"[::-1], 2))
         return np.asarray([starts[b] + j for j in range(m) for b in rev], np.int64)
 
-    def place(self, idx: Sequence[int]) -> tuple[list[int], np.ndarray]:
-        """A batch of request ids -> (request id per global row, is-real mask per global row). Items take the
-        `spread` positions in order; the remaining rows repeat the first item (one shape for all batches)."""
-        rows = [idx[0]] * self.bs
-        real = np.zeros(self.bs, bool)
-        for j, i in enumerate(idx):
-            rows[self.spread[j]] = i
-            real[self.spread[j]] = True
-        return rows, real
+    def own(self, idx: Sequence[int]) -> tuple[list[int | None], np.ndarray]:
+        """This process's rows of a batch of request ids: (request id, is-real) per own row. The batch's items
+        take the `spread` positions in order; the other rows are padding and repeat this process's first real
+        request (None where it has none: the caller feeds a dummy), so a process never reads (tokenizes)
+        another's request. Results ignore padding rows, and rows never mix, so this equals 1 process."""
+        at = np.full(self.bs, -1, np.int64)
+        at[self.spread[: len(idx)]] = idx
+        mine = at[self.rows]
+        real = mine >= 0
+        fill = int(mine[real][0]) if real.any() else None
+        return [int(i) if ok else fill for i, ok in zip(mine, real, strict=True)], real
 
     def global_max(self, value: int) -> int:
         """The largest of every process's `value` (a batch's longest row, known only to the process that has
@@ -395,12 +397,11 @@ def generate(
     local_tokens = 0
     for start in range(0, n, bs):
         idx = order[start : start + bs]
-        rows, real_all = R.place(idx)  # padding rows spread over the devices (and so over the hosts)
-        mine = [rows[r] for r in R.rows]  # this process's rows (all of them for one process)
-        real = real_all[R.rows]
-        ids = {i: list(prompts[i])[-max_prompt:] for i in dict.fromkeys(mine)}  # only this process's prompts
+        mine, real = R.own(idx)  # this process's rows (all for one process); padding spread over devices
+        ids = {i: list(prompts[i])[-max_prompt:] for i in dict.fromkeys(mine) if i is not None}  # its prompts
         if any(len(p) == 0 for p in ids.values()):
             raise DataError("generate: empty prompt")
+        ids[None] = [tokenizer.eos_id]  # a dummy for a process whose rows of this batch are all padding
         plen = _bucket(R.global_max(max(len(p) for p in ids.values())), max_prompt)
         tokens = np.full((len(mine), plen), tokenizer.pad_id, np.int32)
         positions = np.zeros((len(mine), plen), np.int32)
@@ -416,7 +417,7 @@ def generate(
         pos = R.put(np.array([len(ids[i]) for i in mine], np.int32))
         done_h = ~real
         done = R.put(done_h)
-        keys = R.put(np.asarray(jax.random.key_data(_row_keys(gen.seed, row_ids[mine]))))
+        keys = R.put(np.asarray(jax.random.key_data(_row_keys(gen.seed, row_ids[[i or 0 for i in mine]]))))
         out = np.zeros((len(mine), 0), np.int32)
         out_lp = np.zeros((len(mine), 0), np.float32)
         for c in range(n_chunks):
@@ -456,7 +457,7 @@ def generate(
             results[i] = _finish(
                 out_all[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer, lp_all[r].tolist()
             )
-        local_tokens += sum(len(results[rows[r]].tokens) for r in R.rows if real_all[r])
+        local_tokens += sum(len(results[i].tokens) for i, ok in zip(mine, real, strict=True) if ok)
         if progress is not None:
             progress.update(len(idx))
     if stats is not None:
@@ -496,8 +497,8 @@ def loglikelihoods(
         return []
     fns = compiled_for(config, mesh, int(tokenizer.vocab_size))
     bs = _round_batch(batch_size, mesh)
-    seqs: dict[int, list[int]] = {}
-    starts: dict[int, int] = {}
+    seqs: dict[int | None, list[int]] = {}
+    starts: dict[int | None, int] = {}
 
     def prepare(i: int) -> None:
         ctx, cont = pairs[i]
@@ -520,11 +521,11 @@ def loglikelihoods(
     R = fns.rows(bs)
     for start in range(0, n, bs):
         idx = order[start : start + bs]
-        rows, _ = R.place(idx)
-        mine = [rows[r] for r in R.rows]
+        mine, _ = R.own(idx)
         for i in dict.fromkeys(mine):
-            if i not in seqs:
+            if i is not None and i not in seqs:
                 prepare(i)
+        seqs[None], starts[None] = [tokenizer.eos_id] * 2, 1  # the dummy of an all-padding process
         slen = _bucket(R.global_max(max(len(seqs[i]) - 1 for i in mine)), config.max_seq_len)
         inputs = np.full((len(mine), slen), tokenizer.pad_id, np.int32)
         targets = np.zeros((len(mine), slen), np.int32)

@@ -55,6 +55,10 @@ def read_json(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: unreadable ({e})") from e
 
 
+def read_text(path: str) -> str:
+    return _fresh(path).read_text()
+
+
 def names(path: str, pattern: str = "*") -> list[str]:
     """Sorted names of the entries of directory `path` that match `pattern` ([] if there is none)."""
     p = _fresh(path)
