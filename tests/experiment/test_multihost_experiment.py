@@ -1,6 +1,6 @@
 """Every command as one SPMD program: real `ptm` processes on localhost (gloo, fake CPU devices).
 
-One module, one combined scenario (CI time): a small study (`STUDY`: 2 skills, theta_pre trained for 12 steps)
+One module, one combined scenario (CI time): a small study (`STUDY`: 2 skills, theta_pre trained for ~12 steps)
 on 2 processes x 4 devices with its results dir on gs:// (the real GCS emulator), SIGKILLed once in the middle
 of a training stage (process 1, after theta_pre's 2nd checkpoint) and once during evaluation (process 0, the
 coordinator), relaunched each time, equals the study on 1 process x 8 devices in a local dir; then `ptm eval`
@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow  # ~5-8 min on 2 busy cores: five multi-process ru
 
 ROOT = Path(__file__).resolve().parents[2]
 FAIL_FAST_S = 90  # heartbeat timeout 10 s + start-up noise on a loaded machine
-PRE_STEPS = 12
+PRE_EPOCHS = 160  # the suite's 64 pretraining texts pack densely: about 12 steps of 128 rows
 # micro.toml cut down to what this module checks: 2 skills, one D_i size, one merge method, no pairwise or
-# all-skill baselines; theta_pre trains PRE_STEPS steps (one per epoch), so a kill can land inside it.
+# all-skill baselines; theta_pre trains for PRE_EPOCHS epochs (about 12 steps), so a kill can land inside it.
 STUDY = f"""
 name = "mh"
 selection = "skill"
@@ -80,7 +80,7 @@ epochs = 1
 learning_rate = 3e-3
 warmup_ratio = 0.0
 [train.pretrain]
-epochs = {PRE_STEPS}
+epochs = {PRE_EPOCHS}
 """
 
 
@@ -159,10 +159,11 @@ def test_a_killed_process_makes_the_other_fail_fast(studies):
 
 def test_a_training_stage_resumes_from_its_newest_checkpoint(studies):
     steps = studies["steps_at_kill"]
-    assert not studies["pre_done_at_kill"] and steps and max(steps) < PRE_STEPS, steps
+    assert not studies["pre_done_at_kill"] and steps, steps
     m = re.search(r"train pre: (\d+) steps, .*resumed at step (\d+)\)", studies["log_resumed"])
     assert m, studies["log_resumed"][-3000:]
-    assert int(m.group(1)) == PRE_STEPS and max(steps) <= int(m.group(2)) < PRE_STEPS
+    total, resumed = int(m.group(1)), int(m.group(2))
+    assert max(steps) <= resumed < total, (steps, resumed, total)  # not from scratch, not after the end
 
 
 def test_two_processes_on_gcs_equal_one_and_resume(studies):
