@@ -4,7 +4,7 @@ Why one layer: on a pod slice the results dir is usually a bucket (`--results-di
 sees, so `open()` and `os.path` cannot be used on it. Paths are plain strings; gs:// is read through etils.epath
 (gcsfs underneath, as `ptm.ckpt` does). Writes are process 0's (`ptm.parallel.sync`) and atomic: locally
 write-then-rename, on gs:// one object upload (an object appears whole or not at all). Reads of gs:// drop
-gcsfs's cached listings first, so a file another host (or Orbax) wrote since is seen.
+every gcsfs instance's cached listings first, so a file another host (or Orbax) wrote since is seen.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from etils import epath
 
-from ptm.ckpt.format import is_gcs
+from ptm.ckpt.format import invalidate_gcs_listings, is_gcs
 from ptm.errors import ConfigError
 from ptm.parallel import sync
 
@@ -28,9 +28,7 @@ def join(root: str, *parts: str) -> str:
 
 def _fresh(path: str) -> epath.Path:
     if is_gcs(path):
-        from ptm.ckpt.stores import gcs_fs
-
-        gcs_fs().invalidate_cache()  # gcsfs caches listings per process; another host may have written since
+        invalidate_gcs_listings()  # gcsfs caches listings per instance; another host may have written since
     return epath.Path(path)
 
 
