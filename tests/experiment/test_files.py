@@ -64,3 +64,20 @@ def test_put_tree_writes_its_completion_file_last(tmp_path, gcs_bucket, monkeypa
     files.put_tree(str(src), f"{gcs_bucket}/suite", last="manifest.json")
     assert order[-1] == f"{gcs_bucket}/suite/manifest.json" and len(order) == 3
     assert files.read_text(f"{gcs_bucket}/suite/eval/b.jsonl") == "eval/b.jsonl"
+
+
+def test_toy_suite_on_gcs_is_uploaded_once_and_a_different_one_refused(gcs_bucket):
+    from ptm.errors import DataError
+    from ptm.experiment.runner import _generate_suite
+
+    sizes = {"pretrain": 64, "general": 48, "science": 16, "safety": 16, "coding": 16, "eval": 1}  # micro
+    out = f"{gcs_bucket}/suite"
+    _generate_suite(out, seed=0, sizes=sizes)
+    manifest = files.read_json(files.join(out, "manifest.json"))
+    assert all(files.exists(files.join(out, rel)) for rel in manifest["files"])
+    fs = gcsfs.GCSFileSystem(token="anon", project="test", skip_instance_cache=True)
+    stamp = fs.info(f"{out[len('gs://'):]}/manifest.json")["generation"]
+    _generate_suite(out, seed=0, sizes=sizes)  # intact: kept, not rewritten
+    assert fs.info(f"{out[len('gs://'):]}/manifest.json")["generation"] == stamp
+    with pytest.raises(DataError, match="holds another toy suite"):
+        _generate_suite(out, seed=1, sizes=sizes)
