@@ -72,14 +72,14 @@ def complete_steps(checkpoints: str | epath.Path) -> list[epath.Path]:
     them, and a long-lived process resolving a run that is still training must see its new steps)."""
     checkpoints = epath.Path(checkpoints)
     if is_gcs(checkpoints):
-        _invalidate_gcs_listings()
+        invalidate_gcs_listings()
     if not checkpoints.exists():
         return []
     steps = [p for p in checkpoints.iterdir() if step_is_complete(p)]
     return sorted(steps, key=lambda p: int(p.name))
 
 
-def _invalidate_gcs_listings() -> None:
+def invalidate_gcs_listings() -> None:
     """Drop the directory listings that gcsfs caches, in every instance (epath and tensorstore users each hold
     one), so that existence checks and listings see objects written by other processes since."""
     try:
@@ -153,7 +153,7 @@ def resolve(path: str | epath.Path) -> ModelCheckpoint:
     """Accept a run dir (newest complete step), a step/merge-output dir, or a bare Orbax params dir."""
     p = absolute(path)
     if is_gcs(p):
-        _invalidate_gcs_listings()
+        invalidate_gcs_listings()
     if not p.exists():
         old = str(p) + OLD_SUFFIX
         if not is_gcs(p) and os.path.isdir(old):

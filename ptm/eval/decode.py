@@ -174,6 +174,7 @@ class _Rows:
         self.rows = np.asarray(rows, np.int64)
         self.pos = np.full(bs, -1, np.int64)
         self.pos[self.rows] = np.arange(len(self.rows))
+        self.spread = self._spread_order()
         self._all_rows = None
         if self.multi:
             from jax.experimental import multihost_utils
@@ -182,6 +183,41 @@ class _Rows:
             if len(set(counts.tolist())) != 1:
                 raise DataError(f"batch of {bs} rows splits unevenly over processes: {counts.tolist()}")
             self._all_rows = np.asarray(multihost_utils.process_allgather(self.rows)).reshape(-1)
+
+    def _spread_order(self) -> np.ndarray:
+        """Global row positions in the order a short (last) batch fills them: round-robin over the devices'
+        row blocks, the blocks in bit-reversed order, so any prefix spreads evenly over devices and hence over
+        the processes that hold contiguous runs of them (padding rows no longer all land on the last host).
+        The order depends only on the global batch sharding, so 1 x 8 and 2 x 4 devices place every item on
+        the same row of the same device block: results stay bit-identical across process layouts."""
+        if self.mesh is None:
+            return np.arange(self.bs, dtype=np.int64)
+        starts = sorted({sl[0].indices(self.bs)[0] for sl in self.sharding(1).devices_indices_map((self.bs,)).values()})
+        m = self.bs // len(starts)
+        bits = max(1, (len(starts) - 1).bit_length())
+        rev = sorted(range(len(starts)), key=lambda b: int(f"{b:0{bits}b}"[::-1], 2))
+        return np.asarray([starts[b] + j for j in range(m) for b in rev], np.int64)
+
+    def own(self, idx: Sequence[int]) -> tuple[list[int | None], np.ndarray]:
+        """This process's rows of a batch of request ids: (request id, is-real) per own row. The batch's items
+        take the `spread` positions in order; the other rows are padding and repeat this process's first real
+        request (None where it has none: the caller feeds a dummy), so a process never reads (tokenizes)
+        another's request. Results ignore padding rows, and rows never mix, so this equals 1 process."""
+        at = np.full(self.bs, -1, np.int64)
+        at[self.spread[: len(idx)]] = idx
+        mine = at[self.rows]
+        real = mine >= 0
+        fill = int(mine[real][0]) if real.any() else None
+        return [int(i) if ok else fill for i, ok in zip(mine, real, strict=True)], real
+
+    def global_max(self, value: int) -> int:
+        """The largest of every process's `value` (a batch's longest row, known only to the process that has
+        tokenized it)."""
+        if not self.multi:
+            return int(value)
+        from jax.experimental import multihost_utils
+
+        return int(np.asarray(multihost_utils.process_allgather(np.int64(value))).max())
 
     def sharding(self, ndim: int) -> NamedSharding:
         spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), DEFAULT_RULES)
@@ -325,6 +361,7 @@ def generate(
     mesh: Mesh | None = None,
     stops: Sequence[Sequence[str]] | None = None,
     row_ids: Sequence[int] | None = None,
+    sort_keys: Sequence[int] | None = None,
     progress=None,
     stats: dict | None = None,
 ) -> list[Generation]:
@@ -335,6 +372,11 @@ def generate(
     keep their last tokens. With a mesh over several processes every process passes the same arguments, works
     on its own rows of each batch and returns the same full list; `stats["host_generated_tokens"]` counts the
     tokens this process generated.
+
+    Batches group prompts of similar length: by `sort_keys[i]` if given, else by token count. With `sort_keys`
+    (which every process can compute without tokenizing, e.g. the prompt's characters) `prompts[i]` is read
+    only for this process's rows, so `prompts` may be a lazy sequence that tokenizes on access: each host then
+    tokenizes just its share.
     """
     n = len(prompts)
     if n == 0:
@@ -344,36 +386,38 @@ def generate(
     chunk = max(1, min(gen.chunk, gen.max_new_tokens))
     n_chunks = -(-gen.max_new_tokens // chunk)
     max_prompt = max(1, config.max_seq_len - n_chunks * chunk)
-    prompts = [list(p)[-max_prompt:] for p in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise DataError("generate: empty prompt")
     row_ids = np.arange(n) if row_ids is None else np.asarray(row_ids, np.int64)
     stops = [tuple(gen.stop) + tuple(s) for s in (stops or [()] * n)]
-    order = sorted(range(n), key=lambda i: len(prompts[i]))
+    keys_ = [len(p) for p in prompts] if sort_keys is None else list(sort_keys)
+    if sort_keys is None and min(keys_) == 0:  # checked up front where every process sees every prompt
+        raise DataError("generate: empty prompt")
+    order = sorted(range(n), key=lambda i: keys_[i])
     results: list[Generation | None] = [None] * n
     R = fns.rows(bs)
     local_tokens = 0
     for start in range(0, n, bs):
         idx = order[start : start + bs]
-        rows = idx + [idx[0]] * (bs - len(idx))  # fill the last batch with copies: one shape for all batches
-        mine = [rows[r] for r in R.rows]  # this process's rows (all of them for one process)
-        real = R.rows < len(idx)
-        plen = _bucket(max(len(prompts[i]) for i in rows), max_prompt)
+        mine, real = R.own(idx)  # this process's rows (all for one process); padding spread over devices
+        ids = {i: list(prompts[i])[-max_prompt:] for i in dict.fromkeys(mine) if i is not None}  # its prompts
+        if any(len(p) == 0 for p in ids.values()):
+            raise DataError("generate: empty prompt")
+        ids[None] = [tokenizer.eos_id]  # a dummy for a process whose rows of this batch are all padding
+        plen = _bucket(R.global_max(max(len(p) for p in ids.values())), max_prompt)
         tokens = np.full((len(mine), plen), tokenizer.pad_id, np.int32)
         positions = np.zeros((len(mine), plen), np.int32)
         segs = np.zeros((len(mine), plen), np.int32)
         for r, i in enumerate(mine):  # left padding: all rows share the cache index
-            p = prompts[i]
+            p = ids[i]
             tokens[r, plen - len(p) :] = p
             positions[r, plen - len(p) :] = np.arange(len(p))
             segs[r, plen - len(p) :] = 1
         # Cache length is bucketed too, so different max_new_tokens settings often share compiled functions.
         cache_len = _bucket(plen + n_chunks * chunk, plen + n_chunks * chunk)
         logits, cache = fns.prefill(params, R.put(tokens), R.put(positions), R.put(segs), cache_len)
-        pos = R.put(np.array([len(prompts[i]) for i in mine], np.int32))
+        pos = R.put(np.array([len(ids[i]) for i in mine], np.int32))
         done_h = ~real
         done = R.put(done_h)
-        keys = R.put(np.asarray(jax.random.key_data(_row_keys(gen.seed, row_ids[mine]))))
+        keys = R.put(np.asarray(jax.random.key_data(_row_keys(gen.seed, row_ids[[i or 0 for i in mine]]))))
         out = np.zeros((len(mine), 0), np.int32)
         out_lp = np.zeros((len(mine), 0), np.float32)
         for c in range(n_chunks):
@@ -408,11 +452,12 @@ def generate(
             if fns.all_done(done) if R.multi else done_h.all():  # one decision for all processes
                 break
         out_all, lp_all = R.gather(out), R.gather(out_lp)
-        for r, i in enumerate(idx):
+        for j, i in enumerate(idx):
+            r = R.spread[j]
             results[i] = _finish(
                 out_all[r].tolist(), tokenizer.eos_id, gen.max_new_tokens, stops[i], tokenizer, lp_all[r].tolist()
             )
-        local_tokens += sum(len(results[rows[r]].tokens) for r in R.rows if r < len(idx))
+        local_tokens += sum(len(results[i].tokens) for i, ok in zip(mine, real, strict=True) if ok)
         if progress is not None:
             progress.update(len(idx))
     if stats is not None:
@@ -438,35 +483,50 @@ def loglikelihoods(
     *,
     batch_size: int = 32,
     mesh: Mesh | None = None,
+    sort_keys: Sequence[int] | None = None,
     progress=None,
 ) -> list[tuple[float, int, bool]]:
     """For each (context ids, continuation ids): (sum log p(continuation | context), its length, greedy?).
 
     An empty context scores the continuation from its second token (the first has nothing to condition on).
-    Too long sequences keep their last `max_seq_len` tokens (the continuation first).
+    Too long sequences keep their last `max_seq_len` tokens (the continuation first). `sort_keys` as in
+    `generate`: given, `pairs[i]` is read only for this process's rows (a lazy sequence tokenizes its share).
     """
     n = len(pairs)
     if n == 0:
         return []
     fns = compiled_for(config, mesh, int(tokenizer.vocab_size))
     bs = _round_batch(batch_size, mesh)
-    seqs, starts = [], []
-    for ctx, cont in pairs:
+    seqs: dict[int | None, list[int]] = {}
+    starts: dict[int | None, int] = {}
+
+    def prepare(i: int) -> None:
+        ctx, cont = pairs[i]
         full = list(ctx) + list(cont)
         if len(full) < 2 or not cont:
             raise DataError("loglikelihood: need a continuation and at least two tokens in all")
         first = max(len(ctx), 1)  # index of the first scored token in `full`
         cut = max(0, len(full) - (config.max_seq_len + 1))
-        seqs.append(full[cut:])
-        starts.append(max(first - cut, 1))
-    order = sorted(range(n), key=lambda i: len(seqs[i]))
+        seqs[i] = full[cut:]
+        starts[i] = max(first - cut, 1)
+
+    if sort_keys is None:  # every process reads every pair: sort by length, check all up front
+        for i in range(n):
+            prepare(i)
+        keys_ = [len(seqs[i]) for i in range(n)]
+    else:
+        keys_ = list(sort_keys)
+    order = sorted(range(n), key=lambda i: keys_[i])
     results: list[tuple[float, int, bool] | None] = [None] * n
     R = fns.rows(bs)
     for start in range(0, n, bs):
         idx = order[start : start + bs]
-        rows = idx + [idx[0]] * (bs - len(idx))
-        mine = [rows[r] for r in R.rows]
-        slen = _bucket(max(len(seqs[i]) - 1 for i in rows), config.max_seq_len)
+        mine, _ = R.own(idx)
+        for i in dict.fromkeys(mine):
+            if i is not None and i not in seqs:
+                prepare(i)
+        seqs[None], starts[None] = [tokenizer.eos_id] * 2, 1  # the dummy of an all-padding process
+        slen = _bucket(R.global_max(max(len(seqs[i]) - 1 for i in mine)), config.max_seq_len)
         inputs = np.full((len(mine), slen), tokenizer.pad_id, np.int32)
         targets = np.zeros((len(mine), slen), np.int32)
         mask = np.zeros((len(mine), slen), np.float32)
@@ -483,7 +543,8 @@ def loglikelihoods(
         ll, greedy = fns.loglik(params, *(R.put(a) for a in (inputs, targets, mask, positions, segs)))
         ll, greedy = R.gather(R.local(ll)), R.gather(R.local(greedy))
         ntok = R.gather(mask.sum(axis=1).astype(np.int64))
-        for r, i in enumerate(idx):
+        for j, i in enumerate(idx):
+            r = R.spread[j]
             results[i] = (float(ll[r]), int(ntok[r]), bool(greedy[r]))
         if progress is not None:
             progress.update(len(idx))

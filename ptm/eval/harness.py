@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,44 +112,89 @@ def _check_tasks(items: Sequence[EvalItem]) -> None:
             )
 
 
+class _Lazy(Sequence):
+    """Requests built (tokenized) on first access and kept: `generate`/`loglikelihoods` given sort keys read
+    only this process's rows of each batch, so on a slice every host tokenizes just its share."""
+
+    def __init__(self) -> None:
+        self._make: list[Callable[[], Any]] = []
+        self._done: dict[int, Any] = {}
+
+    def append(self, make: Callable[[], Any]) -> None:
+        self._make.append(make)
+
+    def __len__(self) -> int:
+        return len(self._make)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if i not in self._done:
+            self._done[i] = self._make[i]()
+        return self._done[i]
+
+
 @dataclass
 class _Requests:
-    """The model calls an eval suite needs, in two batched streams, and which item each belongs to."""
+    """The model calls an eval suite needs, in two batched streams, and which item each belongs to. Prompts are
+    tokenized lazily; `*_keys` (characters) order the batches without tokenizing, the same on every host."""
 
-    gen_prompts: list[list[int]] = field(default_factory=list)
+    gen_prompts: _Lazy = field(default_factory=_Lazy)
+    gen_keys: list[int] = field(default_factory=list)
     gen_stops: list[tuple[str, ...]] = field(default_factory=list)
     gen_rows: list[tuple[int, int]] = field(default_factory=list)  # (item, sample): reproducible sampling
     gen_owner: list[int] = field(default_factory=list)
-    ll_pairs: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    ll_pairs: _Lazy = field(default_factory=_Lazy)
+    ll_keys: list[int] = field(default_factory=list)
     ll_owner: list[tuple[int, str | None]] = field(default_factory=list)  # (item, choice or None = text)
+    encoded: set[int] = field(default_factory=set)  # items whose prompt this process tokenized
+
+
+def _chars(messages: Sequence[dict[str, Any]]) -> int:
+    return sum(len(str(m.get("content", ""))) for m in messages)
 
 
 def _requests(items: Sequence[EvalItem], tokenizer: Tokenizer, gen: GenerationConfig, choice_eos: bool) -> _Requests:
     req = _Requests()
+    prompts: dict[int, list[int]] = {}
+
+    def prompt(k: int) -> list[int]:
+        if k not in prompts:
+            it = items[k]
+            req.encoded.add(k)
+            prompts[k] = encode_prompt(it.messages, tokenizer, where=it.where)
+        return prompts[k]
+
     for k, it in enumerate(items):
         sc = scorers.get_scorer(it.scorer)
-        prompt = encode_prompt(it.messages, tokenizer, where=it.where) if sc.mode != "loglik" or it.messages else []
+        chars = _chars(it.messages)
         if sc.mode == "generate":
             for s in range(scorers.num_samples_for(sc, it.meta, gen.num_samples)):
-                req.gen_prompts.append(prompt)
+                req.gen_prompts.append(lambda k=k: prompt(k))
+                req.gen_keys.append(chars)
                 req.gen_stops.append(tuple(it.meta.get("stop", ())))
                 req.gen_rows.append((k, s))
                 req.gen_owner.append(k)
         elif sc.mode == "choice":
             eos = [tokenizer.eos_id] if choice_eos else []
             for c in it.choices or []:
-                req.ll_pairs.append((prompt, tokenizer.encode(c) + eos))
+                req.ll_pairs.append(lambda k=k, c=c, eos=eos: (prompt(k), tokenizer.encode(c) + eos))
+                req.ll_keys.append(chars + len(c))
                 req.ll_owner.append((k, c))
         else:
             ref = it.reference if isinstance(it.reference, str) else it.reference[0]
             if it.messages:
-                req.ll_pairs.append((prompt, tokenizer.encode(ref) + [tokenizer.eos_id]))
+                req.ll_pairs.append(lambda k=k, ref=ref: (prompt(k), tokenizer.encode(ref) + [tokenizer.eos_id]))
             else:
-                ids = tokenizer.encode(ref)
-                ctx = [tokenizer.bos_id] if tokenizer.bos_id is not None else ids[:1]
-                req.ll_pairs.append((ctx, ids if tokenizer.bos_id is not None else ids[1:]))
+                req.ll_pairs.append(lambda ref=ref: _raw_text_pair(tokenizer, ref))
+            req.ll_keys.append(chars + len(ref))
             req.ll_owner.append((k, None))
     return req
+
+
+def _raw_text_pair(tokenizer: Tokenizer, ref: str) -> tuple[list[int], list[int]]:
+    """Perplexity of raw text: condition on BOS (or, without one, on the first token)."""
+    ids = tokenizer.encode(ref)
+    ctx = [tokenizer.bos_id] if tokenizer.bos_id is not None else ids[:1]
+    return ctx, ids if tokenizer.bos_id is not None else ids[1:]
 
 
 def _score_items(items: Sequence[EvalItem], req: _Requests, gens: list[Generation], lls: list,
@@ -254,9 +299,10 @@ def evaluate(
     try:
         stats: dict[str, int] = {}
         gens = generate(params, model_config, tokenizer, req.gen_prompts, gen, batch_size=batch_size, mesh=mesh,
-                        stops=req.gen_stops, row_ids=req.gen_rows, progress=bar, stats=stats)
+                        stops=req.gen_stops, row_ids=req.gen_rows, sort_keys=req.gen_keys, progress=bar,
+                        stats=stats)
         lls = loglikelihoods(params, model_config, tokenizer, req.ll_pairs, batch_size=batch_size, mesh=mesh,
-                             progress=bar)
+                             sort_keys=req.ll_keys, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -276,6 +322,7 @@ def evaluate(
         "generated_tokens": int(sum(len(g.tokens) for g in gens)),
         # per process (SPMD: each generated only its rows of every batch); sums to generated_tokens
         "generated_tokens_by_host": [r[0] for r in gather_ints([stats.get("host_generated_tokens", 0)])],
+        "prompts_tokenized_by_host": [r[0] for r in gather_ints([len(req.encoded)])],
         "loglik_sequences": len(req.ll_pairs),
         "new_compiled_shapes": len(fns.shapes) - shapes_before,
     }

@@ -8,8 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from typing import Any
+
+from ptm.experiment import files
 
 FIG1 = "figure1_tradeoff.png"
 FIG3 = "figure3_merge_methods.png"
@@ -351,9 +352,7 @@ def figure(res: dict[str, Any], path: str, methods: list[str], title: str) -> No
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def cosine_figure(res: dict[str, Any], path: str) -> None:
@@ -366,22 +365,25 @@ def cosine_figure(res: dict[str, Any], path: str) -> None:
     ax.set_title("task-vector similarity per layer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str) -> None:
+    """PNG bytes through the results-dir layer (local or gs://, atomic, process 0)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    files.write_bytes(path, buf.getvalue())
 
 
 def write_report(res: dict[str, Any], out_dir: str) -> list[str]:
     """Write results.json, results.csv, tables.md and the figures into `out_dir`; returns the paths."""
-    os.makedirs(out_dir, exist_ok=True)
     paths = []
 
     def put(name: str, text: str) -> None:
-        p = os.path.join(out_dir, name)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
+        p = files.join(out_dir, name)
+        files.write_text(p, text)
         paths.append(p)
 
     put("results.json", json.dumps(res, indent=1, sort_keys=True, default=str) + "\n")
@@ -394,13 +396,13 @@ def write_report(res: dict[str, Any], out_dir: str) -> list[str]:
     ]
     figure(
         res,
-        os.path.join(out_dir, FIG1),
+        files.join(out_dir, FIG1),
         ["cft", "rt", "task_arithmetic"],
         "Figure 1: CFT vs RT vs PTM (validation)",
     )
-    figure(res, os.path.join(out_dir, FIG3), methods, "Figure 3: merge variants over omega (validation)")
-    paths += [os.path.join(out_dir, FIG1), os.path.join(out_dir, FIG3)]
+    figure(res, files.join(out_dir, FIG3), methods, "Figure 3: merge variants over omega (validation)")
+    paths += [files.join(out_dir, FIG1), files.join(out_dir, FIG3)]
     if res.get("cosine"):
-        cosine_figure(res, os.path.join(out_dir, FIG_COS))
-        paths.append(os.path.join(out_dir, FIG_COS))
+        cosine_figure(res, files.join(out_dir, FIG_COS))
+        paths.append(files.join(out_dir, FIG_COS))
     return paths

@@ -27,13 +27,16 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from ptm.ckpt.format import is_gcs
 from ptm.errors import ConfigError, DataError
 from ptm.experiment import costs as C
+from ptm.experiment import files
 from ptm.experiment.config import ExperimentConfig, is_seqio, uses_seqio
 from ptm.experiment.plan import ModelSpec, RunSpec, plan_models, plan_runs
 from ptm.experiment.task_specs import by_kind
@@ -68,7 +71,7 @@ class Experiment:
     # -------------------------------------------------------------------------------------------- paths
 
     def run_dir(self, rid: str) -> str:
-        return os.path.join(self.out, "runs", rid)
+        return files.join(self.out, "runs", rid)
 
     def ckpt(self, ref: str | None) -> str | None:
         if ref is None:
@@ -91,7 +94,7 @@ class Experiment:
         from ptm.parallel import distributed
 
         distributed.initialize()  # before anything touches jax devices: one SPMD program on every host
-        os.makedirs(self.out, exist_ok=True)
+        files.makedirs(self.out)
         self._setup_jax()
         self._write_config()
         self.prepare_data()
@@ -110,7 +113,7 @@ class Experiment:
         if sync.is_writer():
             report.write_report(results, self.out)
             self.say(
-                f"[experiment {self.cfg.name}] report: {os.path.join(self.out, 'tables.md')} "
+                f"[experiment {self.cfg.name}] report: {files.join(self.out, 'tables.md')} "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
         sync.barrier("report/done")  # every host returns once the report exists
@@ -135,24 +138,23 @@ class Experiment:
         # Every run of one shape compiles the same train step; the persistent cache turns the second and later
         # compilations (and those of a rerun) into a disk read.
         if not jax.config.jax_compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", os.path.join(self.out, "jax_cache"))
+            jax.config.update("jax_compilation_cache_dir", files.join(self.out, "jax_cache"))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
     def _write_config(self) -> None:
-        _write_json(os.path.join(self.out, "experiment.json"), self.cfg.to_dict())
+        files.write_json(files.join(self.out, "experiment.json"), self.cfg.to_dict())
 
     # -------------------------------------------------------------------------------------------- data
 
     def prepare_data(self) -> None:
         cfg = self.cfg
         if cfg.suite is not None:
-            from ptm.toy.suite import generate_suite
 
-            suite_dir = os.path.join(self.out, "suite")
+            suite_dir = files.join(self.out, "suite")
             with self._timed("suite"):
                 if sync.is_writer():  # one writer; the others wait for it
-                    generate_suite(suite_dir, seed=cfg.suite.seed, sizes=cfg.suite.sizes or None)
+                    _generate_suite(suite_dir, seed=cfg.suite.seed, sizes=cfg.suite.sizes or None)
                 sync.stage_done("suite")
             self.say(f"[experiment {cfg.name}] toy suite ready: {suite_dir}")
         self._check_seqio()
@@ -222,13 +224,13 @@ class Experiment:
     def train_run(self, r: RunSpec, i: int, n: int) -> None:
         cfg, d = self.cfg, self.run_dir(r.id)
         spec = self._run_fingerprint(r)
-        spec_file = os.path.join(d, "experiment_run.json")
+        spec_file = files.join(d, "experiment_run.json")
         # Process 0 reads the shared results dir; every process acts on what it saw.
         seen = sync.broadcast_json(
             f"train/{r.id}",
             {
-                "old": _read_json(spec_file) if os.path.exists(spec_file) else None,
-                "done": _try_json(os.path.join(d, "run.json")),  # unreadable (killed while writing): not done
+                "old": files.read_json(spec_file) if files.exists(spec_file) else None,
+                "done": files.try_json(files.join(d, "run.json")),  # unreadable (killed while writing): not done
             }
             if sync.is_writer()
             else None,
@@ -245,12 +247,11 @@ class Experiment:
         done = seen["done"]
         tag = f"[experiment {cfg.name}] ({i}/{n}) train {r.id}"
         if done and done.get("complete"):
-            self.run_costs[r.id] = C.RunCost.from_run_json(done, os.path.join(d, "run.json"))
+            self.run_costs[r.id] = C.RunCost.from_run_json(done, files.join(d, "run.json"))
             self.say(f"{tag}: done before, reused ({self.run_costs[r.id].steps} steps)")
             return
-        if sync.is_writer():
-            os.makedirs(d, exist_ok=True)
-        _write_json(spec_file, spec)
+        files.makedirs(d)
+        files.write_json(spec_file, spec)
         sync.barrier(f"train/{r.id}/spec")
         from ptm.data.pipeline import DataConfig, SourceConfig
         from ptm.train.loop import train
@@ -292,8 +293,8 @@ class Experiment:
                 progress=self.progress,
             )
             sync.stage_done(f"train/{r.id}")  # run.json (process 0, in train) is visible to every host now
-        done = _read_json(os.path.join(d, "run.json"))
-        self.run_costs[r.id] = C.RunCost.from_run_json(done, os.path.join(d, "run.json"))
+        done = files.read_json(files.join(d, "run.json"))
+        self.run_costs[r.id] = C.RunCost.from_run_json(done, files.join(d, "run.json"))
         self.say(
             f"{tag}: {res.steps} steps, loss {float('nan') if res.final_loss is None else res.final_loss:.3f}"
             f" ({tm['wall_s']:.1f} s"
@@ -402,8 +403,8 @@ class Experiment:
         native = [t.spec for t in kinds["native"]]
         items = self._eval_items(split, native) if native else []
         fp = self._fingerprint(m, tasks, len(items), split)
-        path = os.path.join(self.out, "scores", split, f"{mid}.json")
-        cached = sync.broadcast_json(f"score/{split}/{mid}", _try_json(path) if sync.is_writer() else None)
+        path = files.join(self.out, "scores", split, f"{mid}.json")
+        cached = sync.broadcast_json(f"score/{split}/{mid}", files.try_json(path) if sync.is_writer() else None)
         if cached is not None:
             if cached.get("fingerprint") == fp and cached.get("complete"):
                 self.scores[split][mid] = cached
@@ -444,7 +445,7 @@ class Experiment:
             rec["extra"] = more
         rec = json.loads(json.dumps(rec, default=str))  # what the cache would give back
         sync.barrier(f"score/{split}/{mid}")  # every process has the (gathered, identical) scores
-        _write_json(path, rec)
+        files.write_json(path, rec)
         self.scores[split][mid] = rec
         self.say(
             f"[experiment {self.cfg.name}] {tag} eval {split} {mid}: "
@@ -516,37 +517,36 @@ def _recipe_paths(recipe: dict[str, Any] | None) -> list[str]:
 
 def _ckpt_identity(path: str) -> Any:
     """What cheaply identifies a checkpoint's contents: its run.json (final step and counts) if a run."""
-    rj = os.path.join(path, "run.json")
-    if os.path.exists(rj):
-        d = _read_json(rj)
+    rj = files.join(path, "run.json")
+    if files.exists(rj):
+        d = files.read_json(rj)
         return {"path": path, "steps": d.get("steps"), "data": d.get("data")}
     return {"path": path}
-
-
-def _try_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        return d if isinstance(d, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _json_safe(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from e
+def _generate_suite(out: str, *, seed: int, sizes: dict | None) -> None:
+    """The toy suite into the results dir. ptm.toy writes local disk only, so for gs:// it is built in a local
+    temporary dir and copied up, manifest.json last (present = complete); an intact copy is kept as it is."""
+    from ptm.toy.suite import generate_suite
 
-
-def _write_json(path: str, obj: Any) -> None:
-    """Process 0 only, atomic: a crash leaves the old file or the new one, never half of one (local or gs://)."""
-    sync.write_json(path, obj)
+    if not is_gcs(out):
+        generate_suite(out, seed=seed, sizes=sizes)
+        return
+    with tempfile.TemporaryDirectory(prefix="ptm-suite-") as tmp:
+        local = os.path.join(tmp, "suite")
+        generate_suite(local, seed=seed, sizes=sizes)
+        with open(os.path.join(local, "manifest.json")) as f:
+            want = json.load(f)
+        have = files.try_json(files.join(out, "manifest.json"))
+        if have == want:
+            return
+        if have is not None:
+            raise DataError(f"{out}: holds another toy suite (manifest differs); use another results_dir")
+        files.put_tree(local, out, last="manifest.json")
 
 
 def run_experiment(

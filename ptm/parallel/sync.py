@@ -122,23 +122,27 @@ def gather_ints(values: list[int]) -> list[list[int]]:
 
 def write_text(path: str, text: str) -> None:
     """Atomic write (process 0 only, a no-op elsewhere): local via rename, gs:// as one object upload."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """`write_text` for bytes (plots)."""
     if not is_writer():
         return
-    write_text_any_process(path, text)
+    write_bytes_any_process(path, data)
 
 
-def write_text_any_process(path: str, text: str) -> None:
+def write_bytes_any_process(path: str, data: bytes) -> None:
     p = str(path)
     if p.startswith("gs://"):
         from etils import epath
 
-        epath.Path(p).parent.mkdir(parents=True, exist_ok=True)
-        epath.Path(p).write_text(text)  # a GCS object appears whole or not at all
+        epath.Path(p).write_bytes(data)  # a GCS object appears whole or not at all
         return
     os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)

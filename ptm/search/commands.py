@@ -45,20 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _build_pool_cmd(args: argparse.Namespace) -> int:
     from ptm.parallel import distributed, sync
-    from ptm.toy.pool import build_pool, load_pool_config
-    from ptm.toy.suite import generate_suite
+    from ptm.toy.pool import build_pool
 
     distributed.initialize()  # SPMD: every host trains every member together (ptm.train.loop is multi-host)
-    if sync.process_count() > 1:  # one writer of the suite; build_pool then finds it complete and reuses it
-        if sync.is_writer():
-            from pathlib import Path
-
-            cfg = load_pool_config(args.config)
-            generate_suite(Path(args.out) / "suite", seed=int(cfg["suite"].get("seed", 0)),
-                           sizes=cfg["suite"].get("sizes"))
-        sync.barrier("build-pool/suite")
-    pool = build_pool(args.config, args.out)
-    sync.barrier("build-pool/done")
+    pool = build_pool(args.config, args.out)  # only process 0 writes files (suite, sources, pool.json)
     if sync.is_writer():
         print(json.dumps({"base": pool["base"], "members": pool["members"], "suite": pool["suite"]}, indent=1))
     return 0

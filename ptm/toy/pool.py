@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ptm.errors import ConfigError
+from ptm.parallel import sync
 from ptm.toml_file import load_toml
 
 _TRAIN_KEYS = {"seq_len", "global_batch_size", "learning_rate", "warmup_ratio", "weight_decay", "seed",
@@ -61,10 +62,8 @@ def _task_subset(suite: Path, out: Path, src: dict[str, Any]) -> str:
                  if line.strip() and json.loads(line).get("task") in tasks]
         if not lines:
             raise ConfigError(f"{src['path']}: no records of tasks {tasks}")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(dest)
+        sync.write_text(str(dest), "\n".join(lines) + "\n")  # process 0, atomic
+    sync.barrier(f"build-pool/source/{dest.name}")  # the others read it next
     return str(dest)
 
 
@@ -114,7 +113,8 @@ def pool_model(spec: Any, config_path: str):
 def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
     """Generate the toy suite, train theta_pre and every pool member; skip runs that already finished.
 
-    Writes `<out>/pool.json` (members, base, suite, timings) and returns it.
+    Writes `<out>/pool.json` (members, base, suite, timings) and returns it. SPMD on several processes: every
+    process trains every run together, only process 0 writes the suite, task subsets and pool.json.
     """
     from ptm.toy.suite import generate_suite
 
@@ -122,7 +122,9 @@ def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
     model = pool_model(cfg["model"], config_path)
     out = Path(out_dir)
     suite = out / "suite"
-    generate_suite(suite, seed=int(cfg["suite"].get("seed", 0)), sizes=cfg["suite"].get("sizes"))
+    if sync.is_writer():  # SPMD (`ptm search build-pool` on every host): one writer, the others wait for it
+        generate_suite(suite, seed=int(cfg["suite"].get("seed", 0)), sizes=cfg["suite"].get("sizes"))
+    sync.barrier("build-pool/suite")
     shared = cfg.get("train", {})
     tokenizer = cfg.get("tokenizer", "byte")  # "byte", or a path (relative: against the suite, e.g. its own)
     if not isinstance(tokenizer, str):
@@ -133,7 +135,7 @@ def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
     order = [("base", cfg["base"], None)] + [(m["name"], m, m.get("init", "base")) for m in cfg["member"]]
     for name, spec, init in order:
         run_dir = out / "runs" / name
-        if (run_dir / "run.json").exists():
+        if sync.broadcast_json(f"build-pool/{name}", (run_dir / "run.json").exists()):  # process 0 decides
             runs[name] = {"run_dir": str(run_dir), "cached": True, "init_from": init}
             print(f"build-pool: {name}: already trained", file=sys.stderr)
             continue
@@ -144,5 +146,6 @@ def build_pool(config_path: str, out_dir: str) -> dict[str, Any]:
               f"{runs[name]['seconds']} s", file=sys.stderr, flush=True)
     pool = {"config": str(config_path), "suite": str(suite), "base": str(out / "runs" / "base"),
             "members": [str(out / "runs" / m["name"]) for m in cfg["member"]], "runs": runs}
-    (out / "pool.json").write_text(json.dumps(pool, indent=1))
+    sync.barrier("build-pool/done")  # every member's run.json exists
+    sync.write_text(str(out / "pool.json"), json.dumps(pool, indent=1))  # process 0 only, atomic
     return pool

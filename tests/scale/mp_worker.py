@@ -255,10 +255,24 @@ def decode(out: str) -> dict:
     tok = load_tokenizer("byte")
     prompts = [list(rng.integers(3, 250, size=int(n))) for n in rng.integers(2, 20, size=13)]
     stats: dict = {}
-    gens = generate(params, cfg, tok, prompts, GenerationConfig(max_new_tokens=12, chunk=4), batch_size=8,
-                    mesh=mesh, stops=[("a",) if i % 3 == 0 else () for i in range(13)], stats=stats)
+    read: list[int] = []
+
+    class Lazy(list):  # what a host tokenizes: only the prompts it reads
+        def __getitem__(self, i):
+            read.append(i)
+            return super().__getitem__(i)
+
+    gens = generate(params, cfg, tok, Lazy(prompts), GenerationConfig(max_new_tokens=12, chunk=4), batch_size=8,
+                    mesh=mesh, stops=[("a",) if i % 3 == 0 else () for i in range(13)],
+                    sort_keys=[len(p) for p in prompts], stats=stats)
+    gen_read = sorted(set(read))
     pairs = [(p[:-3], p[-3:]) for p in prompts if len(p) > 4]
-    lls = loglikelihoods(params, cfg, tok, pairs, batch_size=8, mesh=mesh)
+    read.clear()
+    lls = loglikelihoods(params, cfg, tok, Lazy(pairs), batch_size=8, mesh=mesh, sort_keys=[len(p) for p in prompts
+                                                                                               if len(p) > 4])
+    ll_read = sorted(set(read))
+    eager = generate(params, cfg, tok, prompts, GenerationConfig(max_new_tokens=12, chunk=4), batch_size=8,
+                     mesh=mesh, stops=[("a",) if i % 3 == 0 else () for i in range(13)])
     width = max(len(g.tokens) for g in gens)
     return {
         "tokens": np.array([g.tokens + [-1] * (width - len(g.tokens)) for g in gens]),
@@ -268,6 +282,8 @@ def decode(out: str) -> dict:
         "ll_n": np.array([x[1] for x in lls]),
         "ll_greedy": np.array([x[2] for x in lls]),
         "host_tokens": np.asarray(stats["host_generated_tokens"]),
+        "gen_read": np.asarray(gen_read), "ll_read": np.asarray(ll_read),
+        "eager_tokens": np.array([g.tokens + [-1] * (width - len(g.tokens)) for g in eager]),
     }
 
 

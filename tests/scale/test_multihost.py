@@ -152,8 +152,15 @@ def test_generate_and_loglik_two_processes_equal_one_bit_for_bit(tmp_path):
     for r in two:
         for k in ("tokens", "logprobs", "finish", "ll", "ll_n", "ll_greedy"):
             np.testing.assert_array_equal(r[k], one[k], err_msg=k)
+        np.testing.assert_array_equal(r["eager_tokens"], one["tokens"])  # prompts read eagerly: the same
     shares = [int(r["host_tokens"]) for r in two]
     assert sum(shares) == int(one["host_tokens"]) and min(shares) > 0
+    # 13 prompts, batches of 8 over 8 devices: the last batch's 3 padding rows are spread over the devices, so
+    # each host has 4 + 2 or 4 + 3 real rows, and it tokenizes (reads) just those
+    for k, n in (("gen_read", 13), ("ll_read", len(one["ll"]))):
+        a, b = (set(r[k].tolist()) for r in two)
+        assert not a & b and a | b == set(range(n)) == set(one[k].tolist()), k
+        assert abs(len(a) - len(b)) <= 1, (k, len(a), len(b))
 
 
 def test_single_process_is_a_noop(monkeypatch):

@@ -42,7 +42,7 @@ learning_rate = 1e-3
 """
 
 
-def test_build_pool_trains_members_with_the_suite_tokenizer_and_reuses_them(tmp_path, capsys):
+def test_build_pool_trains_members_with_the_suite_tokenizer_and_reuses_them(tmp_path, capsys, monkeypatch):
     cfg = tmp_path / "pool.toml"
     cfg.write_text(POOL)
     out = tmp_path / "pool"
@@ -58,6 +58,14 @@ def test_build_pool_trains_members_with_the_suite_tokenizer_and_reuses_them(tmp_
     again = build_pool(str(cfg), str(out))
     assert all(r.get("cached") for r in again["runs"].values())
     assert capsys.readouterr().err.count("already trained") == 3
+    # SPMD: a process other than 0 writes nothing, not even pool.json (process 0 does, after a barrier)
+    from ptm.parallel import sync
+
+    (out / "pool.json").unlink()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    monkeypatch.setattr(sync, "is_writer", lambda: False)
+    assert build_pool(str(cfg), str(out))["members"] == pool["members"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 @pytest.mark.parametrize(
