@@ -23,6 +23,7 @@ from ptm.data.tokenizers import load_tokenizer
 from ptm.errors import CheckpointError, ConfigError
 from ptm.model.config import ModelConfig
 from ptm.model.llama import flops_per_token, param_count
+from ptm.parallel import sync
 from ptm.parallel.mesh import DEFAULT_RULES, MeshConfig, Rules, batch_sharding, data_parallel_size, make_mesh
 from ptm.train.checkpoint import RunCheckpointer
 from ptm.train.metrics import MetricsLogger, peak_flops_per_device
@@ -142,8 +143,9 @@ def train(
               **_stats_summary(stats)},
     )
     if is_main and end == total_steps:
-        (out / "run.json").write_text(json.dumps(
-            {"complete": True, **asdict(result), "model": model.to_dict(), "tokenizer": tokenizer}, indent=1))
+        # atomic (rename / one GCS object): a kill mid-write leaves no half-written "complete" marker
+        sync.write_bytes_any_process(str(out / "run.json"), json.dumps(
+            {"complete": True, **asdict(result), "model": model.to_dict(), "tokenizer": tokenizer}, indent=1).encode())
     return result
 
 

@@ -165,3 +165,17 @@ def test_batch_not_divisible_by_data_parallel_size(tmp_path, reverse_data):
             optimizer=OPT,
             progress=False,
         )
+
+
+def test_run_json_appears_whole_or_not_at_all(tmp_path, reverse_data, monkeypatch):
+    """run.json marks a run complete: a crash while writing it must not leave a partial file behind."""
+    import os
+
+    def crash(*a, **k):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed mid-write"):
+        train(str(tmp_path / "run"), data_config(reverse_data, num_epochs=1), model=TINY, optimizer=OPT,
+              save_every=1000, progress=False)
+    assert not (tmp_path / "run" / "run.json").exists()
