@@ -127,7 +127,7 @@ _MALLOC_TUNED = False
 
 def _reuse_freed_memory() -> None:
     """Let glibc keep and reuse freed chunk buffers: one malloc arena for all threads (M_ARENA_MAX = 1), every
-    allocation from the heap (M_MMAP_THRESHOLD 1 GiB) and freed heap memory kept up to 2 GiB (M_TRIM_THRESHOLD).
+    allocation from the heap (M_MMAP_THRESHOLD 1 GiB) and freed heap memory kept up to 512 MiB (M_TRIM_THRESHOLD).
     Why: each chunk read allocates fresh 20-64 MB buffers; served as new mmap pages they cost ~4 page faults
     per KiB read (merging 3 uncompressed TinyLlama checkpoints: 2.6M faults, 9 s of system time; with this
     0.4M faults, 3 s). Private memory stays bounded by the peak of live buffers (the held chunks, below), as
@@ -141,7 +141,7 @@ def _reuse_freed_memory() -> None:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        for param, value in ((-8, 1), (-3, 1 << 30), (-1, 2 << 30)):  # ARENA_MAX, MMAP_THRESHOLD, TRIM_THRESHOLD
+        for param, value in ((-8, 1), (-3, 1 << 30), (-1, 512 << 20)):  # ARENA_MAX, MMAP_THRESHOLD, TRIM_THRESHOLD
             libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
     except (OSError, AttributeError):
         pass
@@ -149,7 +149,7 @@ def _reuse_freed_memory() -> None:
 
 _CELLS_MAX = 2  # decoded chunks kept per input: the one being read and the next (read ahead)
 _CELL_BYTES = 2 * (64 << 20)  # ... and their bytes (a bigger unchunked array is held alone)
-_PREFETCH_MAX = 64 << 20  # read ahead only chunks up to this size (ptm training checkpoints' chunk limit)
+_AHEAD_BYTES = 96 << 20  # read the next chunk ahead only while it and the current one fit in this (memory)
 
 
 class _Cell:
@@ -264,6 +264,9 @@ class OrbaxStore(InputStore):
         self._cells[key] = (fut, nbytes)
         return fut
 
+    def _chunk_bytes(self, name: str) -> int:
+        return math.prod(self._chunk_of[name]) * self._infos[name].dtype.itemsize
+
     def _evict(self, keep: set) -> None:
         """Drop the least recently used chunks beyond the count and byte bounds (never those in `keep`)."""
         for key in list(self._cells):
@@ -299,7 +302,7 @@ class OrbaxStore(InputStore):
         keep = {(name, cell)}
         fut = self._chunk((name, cell))
         nxt = self._next_cell(name, cell)
-        if nxt is not None and math.prod(self._chunk_of[nxt[0]]) * self._infos[nxt[0]].dtype.itemsize <= _PREFETCH_MAX:
+        if nxt is not None and self._cells[(name, cell)][1] + self._chunk_bytes(nxt[0]) <= _AHEAD_BYTES:
             self._chunk(nxt)
             keep.add(nxt)
         self._evict(keep)
