@@ -7,8 +7,12 @@ from
 (d) mergekit (dtype float32, out_dtype bfloat16) if installed, (e) the I/O floor (read 3 inputs, write 1
 output).
 
-    python tools/bench_merge.py --dir /tmp/ptm-bench [--keep] [--cases abcde] [--skip-mergekit]
-        [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--generate-only]
+    python tools/bench_merge.py --dir /tmp/ptm-bench [--keep] [--cases abcdefg] [--skip-mergekit]
+        [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--generate-only] [--methods ties,dare_linear,iso_c]
+
+(g) is (b) from training checkpoints with uncompressed params (`RunCheckpointer(compress_params=False)`, the
+default since issue 17); (b) and (g) write safetensors like (a), so only the input differs. Every case reports
+wall and CPU seconds (CPU time is the robust figure on a shared machine), page faults and the load average.
 
 Orbax inputs are written by the training checkpointer (chunked); case (d) also reports how far ptm's and
 mergekit's outputs agree (`agreement`). Needs ~25 GB of disk in --dir; deleted at the end unless --keep.
@@ -207,6 +211,44 @@ def io_floor(inputs: list[str], outs: list[str]) -> None:
             os.fsync(fh.fileno())
 
 
+PTM_ONLY = {"tsv", "iso_c", "iso_cts", "lines", "metagpt"}
+
+
+def method_case(method: str, d: str, st: dict, mergekit: str | None, warm) -> dict:
+    """One method on the bench: base pre, general (weight 1) and skill (weight 0.3), density 0.5 where the
+    method has one, float32 math, bf16 out. mergekit methods run from the same YAML in both tools (`ptm merge
+    cfg.yml`), ptm-only ones from flags. Returns the measured cases."""
+    out, res = f"{d}/out-m", {}
+    if method in PTM_ONLY:
+        shutil.rmtree(out, ignore_errors=True)
+        warm(st)
+        res[f"m_{method}_ptm"] = measure(ptm_merge(["--method", method, "--pre", st["pre"], "--skill",
+                                                    st["general"], "--skill", st["skill"], "--output-dtype",
+                                                    "bfloat16", "--out", out]))
+        shutil.rmtree(out, ignore_errors=True)
+        return res
+    dens = "" if method in ("task_arithmetic", "linear") else "\n      density: 0.5"
+    cfg = f"{d}/mk-{method}.yml"
+    with open(cfg, "w") as f:
+        f.write(f"merge_method: {method}\nbase_model: {st['pre']}\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
+                f"  - model: {st['general']}\n    parameters:\n      weight: 1.0{dens}\n"
+                f"  - model: {st['skill']}\n    parameters:\n      weight: 0.3{dens}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    warm(st)
+    res[f"m_{method}_ptm"] = measure(ptm_merge([cfg, "--out", out]))
+    if mergekit and shutil.which(mergekit):
+        shutil.rmtree(f"{out}-mk", ignore_errors=True)
+        warm(st)
+        res[f"m_{method}_mergekit"] = measure([mergekit, cfg, f"{out}-mk", "--lazy-unpickle"])
+        res[f"m_{method}_ratio_wall"] = {"ptm/mergekit": res[f"m_{method}_ptm"]["wall_s"]
+                                         / res[f"m_{method}_mergekit"]["wall_s"]}
+        if method not in ("dare_linear", "dare_ties", "della", "della_linear"):
+            res[f"m_{method}_agreement"] = agreement(out, f"{out}-mk")
+        shutil.rmtree(f"{out}-mk", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/ptm-bench")
@@ -215,6 +257,8 @@ def main() -> int:
     ap.add_argument("--mergekit", default="mergekit-yaml", help="mergekit-yaml executable (e.g. from a venv)")
     ap.add_argument("--cases", default="abcdef", help="which cases to run (letters)")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--methods", default="", help="mergekit methods to time in ptm and mergekit from one YAML "
+                    "(e.g. ties,dare_linear), and ptm-only methods (tsv, iso_c, iso_cts: ptm only)")
     ap.add_argument("--io-floor-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--io-floor-outputs", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -303,6 +347,8 @@ def main() -> int:
         res["d_mergekit"] = measure([a.mergekit, cfg, f"{d}/out-mk", "--lazy-unpickle"])
         res["d_agreement_ptm_vs_mergekit"] = agreement(f"{d}/out-a", f"{d}/out-mk")
         clean(f"{d}/out-mk")
+    for m in [x for x in a.methods.split(",") if x]:
+        res.update(method_case(m, d, st, a.mergekit if not a.skip_mergekit else None, warm))
     for case, k in (("e", 1), ("f", 5)):  # (f): the floor of a 5-output sweep
         if case not in a.cases:
             continue

@@ -95,7 +95,7 @@ def tsv(x: Arrays, w: list[float], ctx: Context, alpha: float = 1.0) -> np.ndarr
         u, s, vt = svd(t.reshape(m2), k)
         us.append(u), ss.append(s), vs.append(vt.T)
     u, s, v = polar(np.concatenate(us, 1))[0], np.concatenate(ss), polar(np.concatenate(vs, 1))[0]
-    delta = (u * s) @ v.T
+    delta = (u * s.astype(np.float32)) @ v.T  # float32 GEMM: the factors are float32-exact already
     return x["pre"] + _f32(alpha) * delta.reshape(shape).astype(np.float32)
 
 
