@@ -184,8 +184,10 @@ def measure(cmd: list[str], env: dict | None = None) -> dict[str, float]:
     err = p.stderr.read().decode()
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
-    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "minor_faults_m": ru.ru_minflt / 1e6,
-            "peak_rss_gb": hwm / 1e9, "peak_private_gb": anon / 1e9, "load": os.getloadavg()[0]}
+    out = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "minor_faults_m": ru.ru_minflt / 1e6,
+           "peak_rss_gb": hwm / 1e9, "peak_private_gb": anon / 1e9, "load": os.getloadavg()[0]}
+    print(json.dumps({"cmd": " ".join(cmd[-4:]), **out}), file=sys.stderr, flush=True)  # survives an interrupt
+    return out
 
 
 def ptm_merge(args: list[str]) -> list[str]:
