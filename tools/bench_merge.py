@@ -7,8 +7,12 @@ from
 (d) mergekit (dtype float32, out_dtype bfloat16) if installed, (e) the I/O floor (read 3 inputs, write 1
 output).
 
-    python tools/bench_merge.py --dir /tmp/ptm-bench [--keep] [--cases abcde] [--skip-mergekit]
-        [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--generate-only]
+    python tools/bench_merge.py --dir /tmp/ptm-bench [--keep] [--cases abcdefg] [--skip-mergekit]
+        [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--generate-only] [--methods ties,dare_linear,iso_c]
+
+(g) is (b) from training checkpoints with uncompressed params (`RunCheckpointer(compress_params=False)`, the
+default since issue 17); (b) and (g) write safetensors like (a), so only the input differs. Every case reports
+wall and CPU seconds (CPU time is the robust figure on a shared machine), page faults and the load average.
 
 Orbax inputs are written by the training checkpointer (chunked); case (d) also reports how far ptm's and
 mergekit's outputs agree (`agreement`). Needs ~25 GB of disk in --dir; deleted at the end unless --keep.
@@ -104,19 +108,23 @@ def gen_safetensors(path: str, seed: int) -> None:
             f.write(_rand(rng, s).tobytes())
 
 
-def gen_orbax(path: str, seed: int) -> None:
-    """A ptm run dir written by the training checkpointer (so with its chunked save arguments)."""
+def gen_orbax(path: str, seed: int, compress: bool = True) -> float:
+    """A ptm run dir written by the training checkpointer (so with its chunked save arguments), params zstd
+    compressed or not; returns the seconds the (synchronous) save took."""
     from ptm.ckpt import format as ckpt_format
     from ptm.ckpt.tree import nest
     from ptm.train.checkpoint import RunCheckpointer
 
     rng = np.random.default_rng(seed + 100)
     tree = nest({n: _rand(rng, s) for n, s in ptm_shapes().items()})
-    ck = RunCheckpointer(path, save_every=1, async_save=False)
+    ck = RunCheckpointer(path, save_every=1, async_save=False, compress_params=compress)
     meta = ckpt_format.make_meta({}, step=0, provenance={"bench": True})
+    t0 = time.perf_counter()
     ck.save(0, {"params": tree, "opt_state": {"count": np.zeros((), np.int32)}}, None, meta, force=True)
     ck.manager.wait_until_finished()
+    took = time.perf_counter() - t0
     ck.manager.close()
+    return took
 
 
 def agreement(a: str, b: str) -> dict[str, float]:
@@ -150,14 +158,17 @@ def agreement(a: str, b: str) -> dict[str, float]:
 
 
 def measure(cmd: list[str], env: dict | None = None) -> dict[str, float]:
-    """Wall time, peak RSS (VmHWM) and peak anonymous RSS (private memory; file-backed input pages
-    excluded)."""
+    """Wall time, CPU time (user + sys, from the child's rusage: robust to other jobs' load), minor page faults,
+    peak RSS (VmHWM) and peak anonymous RSS (private memory; file-backed input pages excluded)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(
         cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     anon = hwm = 0
-    while p.poll() is None:
+    while True:
+        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        if pid:
+            break
         try:
             with open(f"/proc/{p.pid}/status") as f:
                 for line in f:
@@ -168,10 +179,15 @@ def measure(cmd: list[str], env: dict | None = None) -> dict[str, float]:
         except (FileNotFoundError, ProcessLookupError):
             pass
         time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
     err = p.stderr.read().decode()
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} failed:\n{err[-3000:]}")
-    return {"wall_s": time.perf_counter() - t0, "peak_rss_gb": hwm / 1e9, "peak_private_gb": anon / 1e9}
+    out = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "minor_faults_m": ru.ru_minflt / 1e6,
+           "peak_rss_gb": hwm / 1e9, "peak_private_gb": anon / 1e9, "load": os.getloadavg()[0]}
+    print(json.dumps({"cmd": " ".join(cmd[-4:]), **out}), file=sys.stderr, flush=True)  # survives an interrupt
+    return out
 
 
 def ptm_merge(args: list[str]) -> list[str]:
@@ -197,6 +213,44 @@ def io_floor(inputs: list[str], outs: list[str]) -> None:
             os.fsync(fh.fileno())
 
 
+PTM_ONLY = {"tsv", "iso_c", "iso_cts", "lines", "metagpt"}
+
+
+def method_case(method: str, d: str, st: dict, mergekit: str | None, warm) -> dict:
+    """One method on the bench: base pre, general (weight 1) and skill (weight 0.3), density 0.5 where the
+    method has one, float32 math, bf16 out. mergekit methods run from the same YAML in both tools (`ptm merge
+    cfg.yml`), ptm-only ones from flags. Returns the measured cases."""
+    out, res = f"{d}/out-m", {}
+    if method in PTM_ONLY:
+        shutil.rmtree(out, ignore_errors=True)
+        warm(st)
+        res[f"m_{method}_ptm"] = measure(ptm_merge(["--method", method, "--pre", st["pre"], "--skill",
+                                                    st["general"], "--skill", st["skill"], "--output-dtype",
+                                                    "bfloat16", "--out", out]))
+        shutil.rmtree(out, ignore_errors=True)
+        return res
+    dens = "" if method in ("task_arithmetic", "linear") else "\n      density: 0.5"
+    cfg = f"{d}/mk-{method}.yml"
+    with open(cfg, "w") as f:
+        f.write(f"merge_method: {method}\nbase_model: {st['pre']}\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
+                f"  - model: {st['general']}\n    parameters:\n      weight: 1.0{dens}\n"
+                f"  - model: {st['skill']}\n    parameters:\n      weight: 0.3{dens}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    warm(st)
+    res[f"m_{method}_ptm"] = measure(ptm_merge([cfg, "--out", out]))
+    if mergekit and shutil.which(mergekit):
+        shutil.rmtree(f"{out}-mk", ignore_errors=True)
+        warm(st)
+        res[f"m_{method}_mergekit"] = measure([mergekit, cfg, f"{out}-mk", "--lazy-unpickle"])
+        res[f"m_{method}_ratio_wall"] = {"ptm/mergekit": res[f"m_{method}_ptm"]["wall_s"]
+                                         / res[f"m_{method}_mergekit"]["wall_s"]}
+        if method not in ("dare_linear", "dare_ties", "della", "della_linear"):
+            res[f"m_{method}_agreement"] = agreement(out, f"{out}-mk")
+        shutil.rmtree(f"{out}-mk", ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/ptm-bench")
@@ -205,6 +259,8 @@ def main() -> int:
     ap.add_argument("--mergekit", default="mergekit-yaml", help="mergekit-yaml executable (e.g. from a venv)")
     ap.add_argument("--cases", default="abcdef", help="which cases to run (letters)")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--methods", default="", help="mergekit methods to time in ptm and mergekit from one YAML "
+                    "(e.g. ties,dare_linear), and ptm-only methods (tsv, iso_c, iso_cts: ptm only)")
     ap.add_argument("--io-floor-child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--io-floor-outputs", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -219,15 +275,19 @@ def main() -> int:
         if not os.path.exists(f"{d}/st/{n}/model.safetensors"):
             print(f"generating safetensors {n}", file=sys.stderr)
             gen_safetensors(f"{d}/st/{n}", i)
-        if not os.path.exists(f"{d}/ox/{n}/checkpoints/0/ptm/metadata"):
-            print(f"generating orbax {n}", file=sys.stderr)
-            gen_orbax(f"{d}/ox/{n}", i)
+        for sub, comp in (("ox", True), ("oxu", False)):
+            if not os.path.exists(f"{d}/{sub}/{n}/checkpoints/0/ptm/metadata"):
+                took = gen_orbax(f"{d}/{sub}/{n}", i, comp)
+                size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(f"{d}/{sub}/{n}") for f in fs)
+                print(f"generated orbax {n} ({'zstd' if comp else 'uncompressed'} params): save {took:.1f} s, "
+                      f"{size / 1e9:.2f} GB, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
         with open(f"{d}/st/{n}/config.json", "w") as f:
             json.dump(hf_config(), f)  # mergekit reads the architecture from config.json
     if a.generate_only:
         return 0
     st = {n: f"{d}/st/{n}" for n in names}
     ox = {n: f"{d}/ox/{n}" for n in names}
+    oxu = {n: f"{d}/oxu/{n}" for n in names}
     res: dict[str, dict] = {}
 
     def clean(p):
@@ -236,20 +296,27 @@ def main() -> int:
     def inputs(src):
         return ["--pre", src["pre"], "--general", src["general"], "--skill", src["skill"]]
 
-    for src in (st, ox):  # warm the page cache (the peer numbers in NOTES.md are warm-cache numbers)
+    def warm(src):  # warm the page cache before each case (the peer numbers in NOTES.md are warm-cache numbers)
         subprocess.run(
             ["cat", *[os.path.join(r, f) for v in src.values() for r, _, fs in os.walk(v) for f in fs]],
             stdout=subprocess.DEVNULL,
             check=True,
         )
+
     common = ["--method", "task_arithmetic", "--omega", "0.3", "--output-dtype", "bfloat16"]
     if "a" in a.cases or "d" in a.cases:
         clean(f"{d}/out-a")
+        warm(st)
         res["a_ptm_safetensors"] = measure(ptm_merge([*common, *inputs(st), "--out", f"{d}/out-a"]))
-    if "b" in a.cases:
-        clean(f"{d}/out-b")
-        res["b_ptm_orbax"] = measure(ptm_merge([*common, *inputs(ox), "--out", f"{d}/out-b"]))
-        clean(f"{d}/out-b")
+    # (b)/(g): the same merge from Orbax training checkpoints (zstd / uncompressed params), safetensors out as
+    # in (a), so that only the input differs.
+    for case, src in (("b", ox), ("g", oxu)):
+        if case in a.cases:
+            clean(f"{d}/out-{case}")
+            warm(src)
+            res[f"{case}_ptm_orbax{'_uncompressed' if case == 'g' else ''}"] = measure(
+                ptm_merge([*common, "--output-format", "safetensors", *inputs(src), "--out", f"{d}/out-{case}"]))
+            clean(f"{d}/out-{case}")
     if "c" in a.cases:
         sweep = ["0.1", "0.2", "0.3", "0.5", "1.0"]
         for w in sweep:
@@ -282,6 +349,8 @@ def main() -> int:
         res["d_mergekit"] = measure([a.mergekit, cfg, f"{d}/out-mk", "--lazy-unpickle"])
         res["d_agreement_ptm_vs_mergekit"] = agreement(f"{d}/out-a", f"{d}/out-mk")
         clean(f"{d}/out-mk")
+    for m in [x for x in a.methods.split(",") if x]:
+        res.update(method_case(m, d, st, a.mergekit if not a.skip_mergekit else None, warm))
     for case, k in (("e", 1), ("f", 5)):  # (f): the floor of a 5-output sweep
         if case not in a.cases:
             continue
@@ -310,6 +379,10 @@ def main() -> int:
         ratios["sweep5 / its io floor"] = c_ / f_
     if e_ and f_:
         ratios["io floor 5 outputs / io floor 1 output"] = f_ / e_
+    for k in ("b_ptm_orbax", "g_ptm_orbax_uncompressed"):
+        if a_ and k in res:
+            ratios[f"{k} / a (wall)"] = res[k]["wall_s"] / a_
+            ratios[f"{k} / a (cpu)"] = res[k]["cpu_s"] / res["a_ptm_safetensors"]["cpu_s"]
     if a_ and "d_mergekit" in res:
         ratios["ptm / mergekit"] = a_ / res["d_mergekit"]["wall_s"]
     print(json.dumps({"load_avg": os.getloadavg(), "results": res, "ratios": ratios}, indent=1))

@@ -17,11 +17,19 @@ from etils import epath
 from ptm.ckpt import format as ckpt_format
 from ptm.errors import CheckpointError
 
+COMPRESS_PARAMS = False  # see RunCheckpointer
+
 
 class RunCheckpointer:
-    """Thin wrapper over `ocp.CheckpointManager` for `<run_dir>/checkpoints`."""
+    """Thin wrapper over `ocp.CheckpointManager` for `<run_dir>/checkpoints`.
 
-    def __init__(self, run_dir: str | epath.Path, *, save_every: int, keep: int = 2, async_save: bool = True):
+    `params` are stored without zstd unless `compress_params`: trained bf16/fp32 weights barely compress (a
+    1.1B bf16 model: 2.2 GB raw, 1.6 GB zstd) while decoding them was most of the cost of merging straight from
+    training checkpoints (docs/benchmarks.md, "Orbax input"). The optimizer state keeps Orbax's default (zstd).
+    Readers handle both: the codec is recorded per array."""
+
+    def __init__(self, run_dir: str | epath.Path, *, save_every: int, keep: int = 2, async_save: bool = True,
+                 compress_params: bool = COMPRESS_PARAMS):
         self.directory = ckpt_format.absolute(run_dir) / "checkpoints"
         self.save_every = max(int(save_every), 1)
         opts = ocp.CheckpointManagerOptions(
@@ -30,7 +38,13 @@ class RunCheckpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+        # StandardCheckpointHandler does not expose the codec; PyTreeCheckpointHandler (which it wraps, same
+        # on-disk format) does.
+        handler = ocp.PyTreeCheckpointHandler(use_compression=compress_params)
+        reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        reg.add("params", ocp.args.PyTreeSave, handler)
+        reg.add("params", ocp.args.PyTreeRestore, handler)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, handler_registry=reg)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -51,7 +65,7 @@ class RunCheckpointer:
             return ocp.SaveArgs(chunk_byte_size=limit, shard_axes=(0,) if stacked else ())
 
         args = {
-            "params": ocp.args.StandardSave(
+            "params": ocp.args.PyTreeSave(
                 state["params"], save_args=jax.tree_util.tree_map_with_path(save_args, state["params"])
             ),
             "opt_state": ocp.args.StandardSave(state["opt_state"]),
@@ -69,7 +83,10 @@ class RunCheckpointer:
         if meta is None:
             raise CheckpointError(f"{self.directory / str(step)}: not a ptm checkpoint (no ptm/metadata)")
         args = {
-            "params": ocp.args.StandardRestore(abstract_state["params"]),
+            "params": ocp.args.PyTreeRestore(
+                abstract_state["params"],
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state["params"]),
+            ),
             "opt_state": ocp.args.StandardRestore(abstract_state["opt_state"]),
         }
         if data_iter is not None:

@@ -111,14 +111,14 @@ def _fill(c, paths):
     return c
 
 
-# Measured against mergekit 0.1.5 (tiny Llama, bf16 inputs, dtype float32): these do not agree yet.
+# Measured against mergekit 0.1.5 (tiny Llama, bf16 inputs, dtype float32): these do not agree within one bf16
+# step on >= 99.99 % of elements, and why (docs/merge.md, "Agreement with mergekit").
 KNOWN = {
-    "ties": "99.917 % within one bf16 step (exact-k trim: threshold ties / k per tensor still differ)",
-    "breadcrumbs_ties": "99.83 % within one bf16 step (top/bottom cut ties)",
-    "sce": "99.43 % (variance ties / weighting details)",
+    "ties": "99.917 %: exact-k trim, ties at the k-th magnitude taken in torch's unstable argsort order "
+            "(test_ties_differs_only_at_threshold_ties)",
+    "breadcrumbs_ties": "99.83 %: the same tie order at the top/bottom cuts",
+    "sce": "99.43 %: top-k by variance, ties again, not investigated further",
     "multislerp": "31 %: mergekit's tangent-space construction differs from ptm's log map",
-    "dare_linear": "norm tensors (all-ones base): kept fraction differs",
-    "della_linear": "norm tensors (all-ones base): kept fraction differs",
 }
 
 
@@ -143,21 +143,22 @@ def test_agrees_with_mergekit(tmp_path, method):
     a, b = stores.open_store(str(tmp_path / "mk")), stores.open_store(str(tmp_path / "ptm"))
     base = stores.open_store(paths[0])
     agree = total = 0
+    pooled: list = []
     for n in b.tensors():
         x = a.read(n, ()).astype(np.float32)
         y = b.read(n, ()).astype(np.float32)
         if method in RANDOM:  # in distribution: fraction changed from the base and mean |delta|
             z = base.read(n, ()).astype(np.float32)
-            fx, fy = np.mean(x != z), np.mean(y != z)
-            assert abs(fx - fy) < 0.05 + 0.1 * max(fx, fy), (n, fx, fy)
-            mx, my = np.abs(x - z).mean(), np.abs(y - z).mean()
-            assert abs(mx - my) <= 0.15 * max(mx, my) + 1e-6, (n, mx, my)
+            _same_distribution(n, x - z, y - z)
+            pooled.append((x - z, y - z))
             continue
         step = np.abs(x) * 2.0 ** -7 + 1e-30  # one bf16 step
         agree += int((np.abs(x - y) <= step).sum())
         total += x.size
     if method not in RANDOM:
         assert agree / total >= 0.9999, f"{method}: {agree / total:.6f} of elements within one bf16 step"
+    else:  # the whole model: ~120k elements make the bounds tight
+        _same_distribution("all", *(np.concatenate([p[i].ravel() for p in pooled]) for i in (0, 1)))
 
 
 def _deep(path, seed: int, tok_dir: str) -> str:
@@ -218,3 +219,54 @@ def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
             assert x.shape == y.shape and np.abs(x - y).max() <= 1e-6, (name, n)
         if name.startswith("tokenizer"):
             assert _vocab(tmp_path / f"mk_{name}") == _vocab(tmp_path / f"ptm_{name}")
+
+
+
+def _same_distribution(name, dx: np.ndarray, dy: np.ndarray) -> None:
+    """Random drops (DARE, DELLA) agree in distribution: the fraction of entries changed from the base and the
+    mean |change| agree within 5 standard errors of their sampling noise. Two mergekit runs on the 64-element
+    norm tensors differ by as much as ptm and mergekit do (measured: 0.699 vs 0.659 changed; ptm 0.665), so a
+    fixed tolerance there only measured the noise."""
+    n = dx.size
+    fx, fy = np.mean(dx != 0), np.mean(dy != 0)
+    f = (fx + fy) / 2
+    assert abs(fx - fy) <= 5 * np.sqrt(2 * f * (1 - f) / n) + 1e-3, (name, fx, fy)
+    ax, ay = np.abs(dx), np.abs(dy)
+    se = np.sqrt((ax.var() + ay.var()) / n)
+    assert abs(ax.mean() - ay.mean()) <= 5 * se + 1e-6, (name, ax.mean(), ay.mean())
+
+
+@pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
+def test_ties_differs_only_at_threshold_ties(tmp_path):
+    """Every element where ptm's mergekit-convention TIES and mergekit's differ is one whose task value ties
+    with its model's k-th largest magnitude: both keep exactly k, and only the choice among equal magnitudes
+    (bf16 inputs make many) differs. mergekit takes them in torch's unstable argsort order (observed: not index
+    order on large arrays), which cannot be reproduced without torch's sort itself."""
+    pytest.importorskip("transformers")
+    from ptm.ckpt import stores
+
+    paths = _models(tmp_path)
+    cfg = {"merge_method": "ties", "dtype": "float32", "out_dtype": "bfloat16", **_fill(CONFIGS["ties"], paths)}
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    res = subprocess.run([MK, str(tmp_path / "cfg.yml"), str(tmp_path / "mk"), "--allow-crimes"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    engine.merge(mergekit_yaml.load(str(tmp_path / "cfg.yml"), out=str(tmp_path / "ptm")), progress=False,
+                 summary=False)
+    a, b = stores.open_store(str(tmp_path / "mk")), stores.open_store(str(tmp_path / "ptm"))
+    models = [stores.open_store(p) for p in paths]
+    densities = [e["parameters"]["density"] for e in CONFIGS["ties"]["models"]]
+    off = 0
+    for n in b.tensors():
+        z, *sk = (np.asarray(m.read(n, ()), np.float32).ravel() for m in models)
+        x, y = (np.asarray(s.read(n, ()), np.float32).ravel() for s in (a, b))
+        bad = np.abs(x - y) > np.abs(x) * 2.0**-7 + 1e-30
+        at_tie = np.zeros(bad.sum(), bool)
+        for s_, d in zip(sk, densities, strict=True):
+            tau = np.abs(s_ - z)
+            kth = np.sort(tau)[::-1][int(d * tau.size) - 1]
+            at_tie |= tau[bad] == kth
+        assert at_tie.all(), (n, int((~at_tie).sum()))
+        off += int(bad.sum())
+    assert off > 0  # the case this test is about still exists (else KNOWN["ties"] is stale)
