@@ -32,11 +32,12 @@ def _recording_get_dataset(*args, **kwargs):
     return _get_dataset(*args, **kwargs)
 
 
-seqio.get_dataset = _recording_get_dataset  # observe (not replace) which shards this host reads
-
 CONFIG = DataConfig(sources=[SourceConfig("seqio:ptm_lm")], seq_len=48, global_batch_size=4, seed=3, num_epochs=1)
 
 if __name__ == "__main__":
+    # observe (not replace) which shards this host reads; only in the worker process: the test imports this module
+    # for CONFIG, and patching seqio there would leak into every later test of that pytest worker
+    seqio.get_dataset = _recording_get_dataset
     out = Path(sys.argv[1])
     pid = jax.process_index()
     it, stats = build_train_data(CONFIG, load_tokenizer(seqio_tasks.SPM_PATH), process_index=pid,
