@@ -143,6 +143,20 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+def _split_rows(name: str, provider, split: str, use_cached: bool, max_items: int | None = None) -> list:
+    """A split's examples, unshuffled and untrimmed, as numpy dicts; a bad split or a failing read is a DataError
+    naming the Task and split."""
+    check_split(name, provider, split)
+    try:
+        ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
+                                  num_epochs=1, trim_output_features=False)
+        if max_items:
+            ds = ds.take(max_items)
+        return list(ds.as_numpy_iterator())
+    except (ValueError, KeyError) as e:
+        raise DataError(f"seqio:{name} split {split!r}: {e}") from e
+
+
 def read_chat_examples(path: str, split: str = "train", use_cached: bool = False) -> list:
     """Every example of a chat Task's split, in the Task's order (unshuffled), as `ptm.data.sources.Example`."""
     from ptm.data.sources import _check
@@ -154,13 +168,7 @@ def read_chat_examples(path: str, split: str = "train", use_cached: bool = False
         raise ConfigError(f"seqio:{name} is a Mixture; read it with read_examples (its Tasks by their rates)")
     if kind(name, provider) != "chat":
         raise ConfigError(f"seqio:{name}: not a chat Task (no 'messages' output feature)")
-    check_split(name, provider, split)
-    try:
-        ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
-                                  num_epochs=1, trim_output_features=False)
-        rows = list(ds.as_numpy_iterator())
-    except (ValueError, KeyError) as e:
-        raise DataError(f"seqio:{name} split {split!r}: {e}") from e
+    rows = _split_rows(name, provider, split, use_cached)
     out = []
     for i, ex in enumerate(rows, 1):
         where = f"seqio:{name}/{split}:example {i}"
@@ -187,13 +195,7 @@ def read_lm_examples(path: str, split: str = "train", use_cached: bool = False) 
     name = task_name(path)
     task = get_provider(name)
     feats = dict(task.output_features)
-    check_split(name, task, split)
-    try:
-        ds = task.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
-                              num_epochs=1, trim_output_features=False)
-        rows = list(ds.as_numpy_iterator())
-    except (ValueError, KeyError) as e:
-        raise DataError(f"seqio:{name} split {split!r}: {e}") from e
+    rows = _split_rows(name, task, split, use_cached)
     out = []
     for i, ex in enumerate(rows, 1):
         where = f"seqio:{name}/{split}:example {i}"
@@ -510,14 +512,7 @@ def eval_records(path: str, split: str = "validation", scorer: str = "exact_matc
     if kind(name, provider) != "lm":
         raise ConfigError(f"seqio:{name}: eval items need an LM Task ('targets', optionally 'inputs')")
     feats = dict(provider.output_features)
-    check_split(name, provider, split)
-    try:
-        ds = provider.get_dataset(sequence_length=None, split=split, use_cached=use_cached, shuffle=False,
-                                  num_epochs=1, trim_output_features=False)
-    except (ValueError, KeyError) as e:
-        raise DataError(f"seqio:{name} split {split!r}: {e}") from e
-    if max_items:
-        ds = ds.take(max_items)
+    rows = _split_rows(name, provider, split, use_cached, max_items)
 
     def text(ex, key):
         if f"{key}_pretokenized" in ex:
@@ -526,7 +521,7 @@ def eval_records(path: str, split: str = "validation", scorer: str = "exact_matc
         return feats[key].vocabulary.decode(ids)
 
     out = []
-    for i, ex in enumerate(ds.as_numpy_iterator()):
+    for i, ex in enumerate(rows):
         prompt = text(ex, "inputs") if "inputs" in feats else ""
         out.append({"task": name, "messages": [{"role": "user", "content": prompt}] if prompt else [],
                     "reference": text(ex, "targets"), "scorer": scorer, "id": f"{split}:{i}"})
