@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,31 +18,17 @@ import seqio_tasks  # noqa: E402
 
 from ptm.data.pipeline import build_train_data  # noqa: E402
 from ptm.data.tokenizers import load_tokenizer  # noqa: E402
-from tests.scale.cluster import free_port  # noqa: E402
+from tests.scale.cluster import spawn, wait_all  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 def test_each_host_plans_only_its_own_shard(tmp_path):
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-               "PTM_COORDINATOR": f"127.0.0.1:{port}", "PTM_NUM_PROCESSES": "2", "PTM_PROCESS_ID": str(pid),
-               "PTM_SEQIO_TEST_DIR": str(seqio_tasks.DIR),
-               "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
-        log = open(tmp_path / f"log_{pid}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, str(HERE / "seqio_mp_worker.py"), str(tmp_path)], env=env,
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    try:
-        rcs = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            log.close()
-    assert rcs == [0, 0], "\n".join((tmp_path / f"log_{i}.txt").read_text()[-2000:] for i in range(2))
+    extra = {"PTM_SEQIO_TEST_DIR": str(seqio_tasks.DIR),
+             "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    procs = spawn([sys.executable, str(HERE / "seqio_mp_worker.py"), str(tmp_path)], tmp_path / "log",
+                  devices_per_process=1, env_extra=extra)
+    wait_all(procs, tmp_path / "log", timeout=300)
 
     tok = load_tokenizer(seqio_tasks.SPM_PATH)
     for pid in range(2):

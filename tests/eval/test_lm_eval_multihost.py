@@ -5,13 +5,12 @@ a single process with the same local mesh (log-likelihoods, greedy and sampled g
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scale.cluster import spawn, wait_all
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'ptm[lm_eval]')")
 
@@ -35,26 +34,11 @@ open(f"{out}/res_{jax.process_count()}_{jax.process_index()}.json", "w").write(j
 '''
 
 
-def _run(n, ckpt, out, port):
-    procs = []
-    for pid in range(n):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-               "PYTHONPATH": str(REPO)}
-        for k in ("PTM_COORDINATOR", "PTM_NUM_PROCESSES", "PTM_PROCESS_ID"):
-            env.pop(k, None)
-        if n > 1:
-            env.update(PTM_COORDINATOR=f"127.0.0.1:{port}", PTM_NUM_PROCESSES=str(n), PTM_PROCESS_ID=str(pid))
-        log = open(out / f"log_{n}_{pid}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, "-c", WORKER, str(ckpt), str(out)], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    try:
-        rcs = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        for p, log in procs:
-            if p.poll() is None:
-                p.kill()
-            log.close()
-    assert rcs == [0] * n, "\n".join((out / f"log_{n}_{i}.txt").read_text()[-2000:] for i in range(n))
+def _run(n, ckpt, out):
+    logs = out / f"log_{n}"
+    procs = spawn([sys.executable, "-c", WORKER, str(ckpt), str(out)], logs, num_processes=n,
+                  devices_per_process=2, env_extra={"PYTHONPATH": str(REPO)})
+    wait_all(procs, logs, timeout=300)
     return [json.loads((out / f"res_{n}_{i}.json").read_text()) for i in range(n)]
 
 
@@ -69,11 +53,8 @@ def test_every_process_computes_the_single_process_numbers(tmp_path, tiny_config
     ckptr.save(ckpt / "params", tiny_params)
     ckptr.wait_until_finished()
     ckpt_format.write_meta(ckpt, ckpt_format.make_meta(tiny_config.to_dict(), step=1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    two = _run(2, ckpt, tmp_path, port)
-    (one,) = _run(1, ckpt, tmp_path, port)
+    two = _run(2, ckpt, tmp_path)
+    (one,) = _run(1, ckpt, tmp_path)
     assert [(r["pid"], r["n"], r["local"], r["global"]) for r in two] == [(0, 2, 2, 4), (1, 2, 2, 4)]
     for r in two:
         assert r["ll"] == one["ll"] and r["gen"] == one["gen"]
