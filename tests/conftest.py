@@ -10,23 +10,12 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-for _k, _v in {
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
-    "FSSPEC_GCS_TOKEN": "anon",
-    "FSSPEC_GS_TOKEN": "anon",
-    "NO_GCE_CHECK": "true",
-    "GCE_METADATA_HOST": "127.0.0.1:9",
-    "GCE_METADATA_ROOT": "127.0.0.1:9",
-    "GCE_METADATA_IP": "127.0.0.1:9",
-    "GOOGLE_CLOUD_PROJECT": "test",
-    "EPATH_USE_TF": "false",
-}.items():
+from ptm.testing.gcs import CLIENT_ENV, GcsEmulator  # noqa: E402  (stdlib only: jax and gcsfs not imported yet)
+
+for _k, _v in CLIENT_ENV.items():  # before any client library is imported
     os.environ.setdefault(_k, _v)
 
 import pytest  # noqa: E402
-
-from ptm.testing.gcs import GcsEmulator  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -16,3 +16,14 @@ def test_orbax_roundtrip_through_emulator(gcs_bucket):
     np.testing.assert_array_equal(back["b"]["c"], tree["b"]["c"])
     fs = gcsfs.GCSFileSystem()
     assert any(p.endswith("_CHECKPOINT_METADATA") for p in fs.find(gcs_bucket))
+
+
+def test_client_env_module_imports_no_client_library():
+    """tests/conftest.py imports ptm.testing.gcs for CLIENT_ENV *before* any client reads its environment."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ptm.testing.gcs; "
+            "print([m for m in ('jax', 'gcsfs', 'tensorstore', 'google.auth', 'etils') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
