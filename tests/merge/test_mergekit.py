@@ -120,7 +120,7 @@ KNOWN = {
     "ties": "99.917 %: exact-k trim, ties at the k-th magnitude taken in torch's unstable argsort order "
             "(test_ties_differs_only_at_threshold_ties)",
     "breadcrumbs_ties": "99.83 %: the same tie order at the top/bottom cuts",
-    "sce": "99.87 %: exactly k kept by variance, ties at the k-th variance taken in torch.topk's order, and the "
+    "sce": "99.88 %: exactly k kept by variance, ties at the k-th variance taken in torch.topk's order, and the "
            "tau^2 weights follow the kept set (test_sce_differs_only_at_threshold_ties)",
 }
 
@@ -160,6 +160,7 @@ def test_agrees_with_mergekit(tmp_path, method):
         agree += int((np.abs(x - y) <= step).sum())
         total += x.size
     if method not in RANDOM:
+        print(f"{method}: {100 * agree / total:.4f} % of {total} elements within one bf16 step")  # pytest -s
         assert agree / total >= 0.9999, f"{method}: {agree / total:.6f} of elements within one bf16 step"
     else:  # the whole model: ~120k elements make the bounds tight
         _same_distribution("all", *(np.concatenate([p[i].ravel() for p in pooled]) for i in (0, 1)))
