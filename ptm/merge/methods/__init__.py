@@ -26,11 +26,17 @@ from ptm.merge.methods.base import (
 from ptm.merge.methods.linear import linear_interpolation, nearswap, task_arithmetic, wise_ft
 from ptm.merge.methods.sparse import dare, ties, ties_unit_stats
 from ptm.merge.methods.spectral import iso_c, iso_cts, tsv
-from ptm.merge.methods.spherical import model_stock_t, slerp_coefficients, sphere_mean_coefficients
+from ptm.merge.methods.spherical import (
+    model_stock_t,
+    multislerp_coefficients,
+    slerp_coefficients,
+    sphere_mean_coefficients,
+)
 
 __all__ = [
     "CONVENTIONS", "REGISTRY", "Context", "Method", "SharedBlock", "as_matrix", "check_options", "dare", "get",
-    "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "model_stock_t", "nearswap",
+    "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "model_stock_t", "multislerp_coefficients",
+    "nearswap",
     "register", "slerp_coefficients", "sparse", "spectral", "sphere_mean_coefficients", "spherical", "task_arithmetic",
     "ties", "ties_unit_stats", "tsv", "uniform_from_index", "wise_ft",
 ]

@@ -218,36 +218,95 @@ def _della(consensus: bool):
     return fn
 
 
-def sce_stats(stream, numel: int, select_topk: float = 1.0, **_: Any) -> dict[str, Any]:
-    """SCE: the variance threshold keeping the top `select_topk` positions (variance of the task vectors across
-    models), then per model sum of tau^2 over the kept positions (normalised: the matrix-level weights)."""
+def _sce_var(taus: list[np.ndarray]) -> np.ndarray:
+    """Per position, the variance of the task vectors across models (float64 sums, float32 result: equal
+    variances in exact arithmetic stay equal, so threshold ties are real ties)."""
+    return np.var(np.stack(taus).astype(np.float64), axis=0).astype(np.float32)
+
+
+def sce_stats(stream, numel: int, select_topk: float = 1.0, convention: str = "ptm", **_: Any) -> dict[str, Any]:
+    """SCE's Select over the whole unit: keep the top k positions by variance across the task vectors, then per
+    model sum tau^2 over the kept positions (normalised: the matrix-level weights). convention "ptm": k =
+    int(select_topk * numel), every position with variance >= the k-th largest kept (ties included); "mergekit"
+    (0.1.5, measured): k = int(select_topk * #positions with variance > 0), exactly k kept (ties at the threshold
+    by lowest flat index; mergekit's torch.topk order among them cannot be reproduced), zero variance never kept.
+    select_topk >= 1 keeps everything in both."""
+    if select_topk < 0:
+        raise MergeError(f"sce: select_topk must be >= 0 (got {select_topk})")
+
     def var_blocks() -> Iterable[np.ndarray]:
         for x, _ in stream():
-            yield np.var(np.stack(_taus(x)), axis=0).astype(np.float32)
+            yield _sce_var(_taus(x))
 
-    k = int(select_topk * numel)
-    thr = 0.0 if select_topk >= 1.0 else (kth_largest_abs(var_blocks, k) if k > 0 else math.inf)
+    sel: tuple[float, int] | None = None  # (threshold, flat-index cutoff among ties; -1: keep every tie)
+    if select_topk < 1.0:
+        n = numel if convention != "mergekit" else sum(int(np.count_nonzero(v)) for v in var_blocks())
+        k = int(select_topk * n)
+        if k == 0:
+            sel = (math.inf, -1)
+        else:
+            thr = kth_largest_abs(var_blocks, k)
+            sel = (thr, -1)
+            if convention == "mergekit":
+                n_gt, ties_idx = 0, []
+                for x, idx in stream():
+                    v = _sce_var(_taus(x))
+                    n_gt += int((v > np.float32(thr)).sum())
+                    ties_idx.append(idx().reshape(v.shape)[v == np.float32(thr)].ravel())
+                t = np.sort(np.concatenate(ties_idx))
+                sel = (thr, int(t[k - n_gt - 1]))
     ss = None
-    for x, _ in stream():
+    for x, idx in stream():
         taus = _taus(x)
-        keep = np.var(np.stack(taus), axis=0).astype(np.float32) >= np.float32(thr) if thr > 0 else None
+        keep = _sce_keep(taus, sel, idx)
         v = np.array([float(np.square(np.where(keep, t, 0) if keep is not None else t, dtype=np.float64).sum())
                       for t in taus])
         ss = v if ss is None else ss + v
     tot = float(ss.sum())
-    return {"var_threshold": thr, "weights": list(ss / tot) if tot > 0 else [1.0 / len(ss)] * len(ss)}
+    return {"select": sel, "weights": list(ss / tot) if tot > 0 else [1.0 / len(ss)] * len(ss)}
 
 
-def sce(x: Arrays, w: list[float], ctx: Context, select_topk: float = 1.0, lambda_: float = 1.0) -> np.ndarray:
-    """SCE (FuseChat): Select positions by task-vector variance, Calculate matrix-level weights from mean tau^2,
-    Erase by TIES sign election; pre + lambda * (sum of agreeing weighted taus / sum of their weights)."""
+def _sce_keep(taus: list[np.ndarray], sel: tuple[float, int] | None, idx: Callable[[], np.ndarray]
+              ) -> np.ndarray | None:
+    """The Select mask of a piece (None: everything kept)."""
+    if sel is None:
+        return None
+    thr, cut = sel
+    v = _sce_var(taus)
+    if cut < 0:
+        return v >= np.float32(thr)
+    return (v > np.float32(thr)) | ((v == np.float32(thr)) & (idx().reshape(v.shape) <= np.uint64(cut)))
+
+
+def sce(x: Arrays, w: list[float], ctx: Context, select_topk: float = 1.0, lambda_: float = 1.0,
+        convention: str = "ptm") -> np.ndarray:
+    """SCE (FuseChat, arXiv 2408.07990): Select positions by task-vector variance, Calculate matrix-level weights
+    from mean tau^2, Erase by sign election; pre + lambda * (sum of agreeing weighted taus / sum of their
+    weights). `convention` only changes Select (sce_stats)."""
     taus = _taus(x)
-    thr = ctx.unit["var_threshold"]
-    if thr > 0:
-        keep = np.var(np.stack(taus), axis=0).astype(np.float32) >= np.float32(thr)
+    keep = _sce_keep(taus, ctx.unit["select"], lambda: _flat(ctx, taus[0]))
+    if keep is not None:
         taus = [np.where(keep, t, np.float32(0)) for t in taus]
-    mixed = _consensus_sum(taus, ctx.unit["weights"], True, True, "mergekit")
-    return x["pre"] + _f32(lambda_) * mixed
+    return x["pre"] + _f32(lambda_) * _sce_erase(taus, ctx.unit["weights"])
+
+
+def _sce_erase(taus: list[np.ndarray], w: list[float]) -> np.ndarray:
+    """SCE's Erase: the sign of the *unweighted* sum of the selected task vectors is elected ("+" on a zero vote),
+    entries of the other sign are erased, and the rest are averaged with weights w (sum w_k tau_k over agreeing
+    k / sum of their w_k). The weights do not enter the vote: the TIES paper's sgn(sum tau), which SCE adopts
+    (mergekit 0.1.5 measured: a weighted vote differs on 0.3 % of elements)."""
+    total = np.zeros_like(taus[0])
+    for t in taus:
+        total += t
+    sign = np.where(total < 0, np.float32(-1), np.float32(1))
+    mixed = np.zeros_like(total)
+    divisor = np.zeros_like(total)
+    for t, wk in zip(taus, w, strict=True):
+        agree = np.sign(t) == sign
+        mixed += np.where(agree, _f32(wk) * t, np.float32(0))
+        divisor += np.where(agree, _f32(wk), np.float32(0))
+    divisor[np.abs(divisor) < 1e-8] = 1
+    return mixed / divisor
 
 
 for _name, _cons in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
@@ -263,7 +322,8 @@ for _name, _cons in (("della", True), ("della_linear", False)):  # normalize def
                     {"density": 0.7, "epsilon": 0.1, "lambda_": 1.0, "normalize": _cons, "rescale": True},
                     kind="matrix", doc="magnitude-ranked keep probabilities per row" +
                     (", sign election" if _cons else "")))
-register(Method("sce", sce, _GTA, (), "none", {"select_topk": 1.0, "lambda_": 1.0}, unit_stats=sce_stats,
+register(Method("sce", sce, _GTA, (), "none", {"select_topk": 1.0, "lambda_": 1.0, "convention": "ptm"},
+                unit_stats=sce_stats,
                 check_inputs=_count("skills", 1), doc="variance select, tau^2 weights, sign election"))
 register(
     Method(

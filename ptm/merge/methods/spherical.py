@@ -89,17 +89,15 @@ def _sphere_log_coef(gx: np.ndarray, a: np.ndarray, wn: np.ndarray) -> tuple[np.
     return b, tn
 
 
-def sphere_mean_coefficients(g: np.ndarray, w: list[float], iters: int, tol: float, eps: float,
-                             normalize_weights: bool = True) -> np.ndarray:
-    """Coefficients c (result = sum c_i v_i) of the weighted spherical mean of the unit vectors v_i/|v_i|,
-    rescaled by the weighted mean norm: `iters` = 1 is multislerp (one tangent-space step from the normalised
-    weighted Euclidean mean), more is the Karcher mean (Riemannian gradient steps until |T| < tol)."""
+def sphere_mean_coefficients(g: np.ndarray, w: list[float], iters: int, tol: float, eps: float) -> np.ndarray:
+    """Coefficients c (result = sum c_i v_i) of the weighted Karcher mean of the unit vectors v_i/|v_i|, rescaled
+    by the weighted mean norm: Riemannian gradient steps from the normalised weighted Euclidean mean until
+    |T| < tol or `iters` steps (Buss & Fillmore 2001, algorithm A1)."""
     n = _norms(g, eps)
     gx = g / np.outer(n, n)
     wn = np.asarray(w, np.float64)
-    if normalize_weights:
-        s = wn.sum()
-        wn = wn / (s if abs(s) > eps else 1.0)
+    s = wn.sum()
+    wn = wn / (s if abs(s) > eps else 1.0)
     a = wn.copy()
     a /= max(float(np.sqrt(max(a @ gx @ a, 0.0))), eps)
     for _ in range(iters):
@@ -108,15 +106,31 @@ def sphere_mean_coefficients(g: np.ndarray, w: list[float], iters: int, tol: flo
             break
         a = math.cos(tn) * a + (math.sin(tn) / tn) * b
         a /= max(float(np.sqrt(max(a @ gx @ a, 0.0))), eps)
-    scale = float(wn @ n) if normalize_weights else float(wn @ n) / max(float(np.sum(wn)), eps)
-    return a / n * scale
+    return a / n * float(wn @ n)
+
+
+def multislerp_coefficients(g: np.ndarray, w: list[float], eps: float = 1e-8, normalize_weights: bool = True
+                            ) -> np.ndarray:
+    """Coefficients c (result = sum c_i v_i) of mergekit's multi-SLERP: the direction of the weighted mean of the
+    unit vectors x_i = v_i/|v_i| (the extrinsic mean on the sphere: the weighted mean of the x_i projected onto
+    the tangent space at that direction is zero), times sum_i w_i |v_i|; weights sum to 1 unless
+    `normalize_weights` is false. Norms below `eps` are clamped to it (a zero vector contributes nothing)."""
+    n = _norms(g, eps)
+    wn = np.asarray(w, np.float64)
+    if normalize_weights:
+        s = wn.sum()
+        wn = wn / (s if abs(s) > eps else 1.0)
+    a = wn / n  # the mean sum_i wn_i x_i in the basis of the v_i
+    mean_norm = float(np.sqrt(max(a @ g @ a, 0.0)))
+    return a / max(mean_norm, eps) * float(wn @ n)
 
 
 def multislerp(x: Arrays, w: list[float], ctx: Context, normalize_weights: bool = True, eps: float = 1e-8
                ) -> np.ndarray:
-    """Barycentric SLERP of several models (or task vectors, with `pre`) on the hypersphere."""
+    """Barycentric interpolation of several models (or task vectors, with `pre`) on the hypersphere, as mergekit
+    0.1.5 computes it: normalised weighted mean of the unit vectors, rescaled by the weighted sum of norms."""
     key = ("multislerp", tuple(w))
-    coef = _memo(ctx, key, lambda: sphere_mean_coefficients(ctx.unit["gram"], w, 1, 0.0, eps, normalize_weights))
+    coef = _memo(ctx, key, lambda: multislerp_coefficients(ctx.unit["gram"], w, eps, normalize_weights))
     return _combine_linear(x.get("pre"), _vectors(x), coef)
 
 
@@ -161,7 +175,7 @@ register(Method("nuslerp", nuslerp, ("models",), ("pre",), "models", {"flatten":
                 check_inputs=_count("models", 2, 2), doc="SLERP with t = w1/(w0+w1); task vectors with pre"))
 register(Method("multislerp", multislerp, ("models",), ("pre",), "models", {"normalize_weights": True, "eps": 1e-8},
                 unit_stats=gram_stats, check_inputs=_count("models", 2),
-                doc="barycentric SLERP on the hypersphere (tangent space at the weighted mean)"))
+                doc="normalised weighted mean of the unit vectors times the weighted norm (as mergekit)"))
 register(Method("karcher", karcher, ("models",), (), "models", {"max_iter": 10, "tol": 1e-5}, unit_stats=gram_stats,
                 check_inputs=_count("models", 2), doc="Karcher mean of the normalised models"))
 register(Method("model_stock", model_stock, _GTA, (), "none", {}, unit_stats=gram_stats,
