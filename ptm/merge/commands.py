@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-format", choices=["orbax", "safetensors"])
     p.add_argument("--allow-nonfinite", action="store_true")
     p.add_argument("--mergekit-compat", action="store_true",
-                   help="mergekit's conventions (exact-k TIES, '+' on a zero vote, L1 DARE rescale, normalize=true)")
+                   help="mergekit's conventions (exact-k TIES and SCE select, '+' on a zero vote, L1 DARE rescale, "
+                        "normalize=true)")
     p.add_argument("--out", help="output path (overrides the recipe's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
