@@ -179,6 +179,23 @@ def test_the_staged_benchmark_yamls_have_distinct_validation_and_test_splits(tmp
         shutil.rmtree(root, ignore_errors=True)
 
 
+@needs_lm_eval
+def test_datasets_cache_sends_the_arrow_cache_to_the_given_dir(tmp_path):
+    """What keeps lm-eval's task loading off the user's (possibly shared) ~/.cache in a study: every process
+    caches the task files in a temporary directory of its own."""
+    import datasets
+
+    from ptm.experiment.extra_eval import datasets_cache
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"a": 1}\n{"a": 2}\n')
+    before = datasets.config.HF_DATASETS_CACHE
+    with datasets_cache(str(tmp_path / "cache")):
+        assert len(datasets.load_dataset("json", data_files=str(f), split="train")) == 2
+    assert list((tmp_path / "cache").rglob("*.arrow"))
+    assert datasets.config.HF_DATASETS_CACHE == before
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -327,8 +344,9 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(extra_study, t
             fp = exp._fingerprint(m, tasks, len(exp._eval_items(split, native)), split)
             assert json.loads(f.read_text())["fingerprint"] == fp, (split, f.stem)
 
-    # The same numbers from `ptm eval` on the study's theta_G checkpoint, split by split.
-    for split in ("validation", "test"):
+    # The same numbers from `ptm eval` on the study's theta_G checkpoint, split by split: validation as one SPMD
+    # program of 2 processes x 1 device (global mesh; the code executions split over them), test on 1 process.
+    for split, nproc in (("validation", 2), ("test", 1)):
         j = tmp_path / f"eval_{split}.json"
         cmd = [sys.executable, "-m", "ptm.cli", "eval", str(out / "runs" / "general"),
                "--lm-eval", "ptm_toy_world_qa_mc,probe", "--lm-eval-include", str(TOY_TASKS),
@@ -338,8 +356,14 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(extra_study, t
                "--allow-code-execution", "--code-samples", "2", "--code-k", "1", "--code-max-new-tokens", "3",
                "--code-stop", "\n", "--code-stop", "\r", "--code-timeout", "5", "--code-workers", "2",
                "--batch-size", "16", "--out", str(j)]
-        q = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path / "hf"), cwd=ROOT, timeout=600)
-        assert q.returncode == 0, q.stderr[-4000:]
+        if nproc == 1:
+            q = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path / "hf"), cwd=ROOT,
+                               timeout=600)
+            assert q.returncode == 0, q.stderr[-4000:]
+        else:
+            logs = tmp_path / f"eval_{split}"
+            wait_all(start_cli(cmd[3:], logs, num_processes=nproc, devices_per_process=1, cwd=ROOT,
+                               env_extra={"HF_DATASETS_CACHE": str(tmp_path / "hf")}), logs, timeout=600)
         (r,) = json.loads(j.read_text())["results"]
         for spec in (LM_TASK, PROBE):
             got = r["lm_eval"]["metrics"][spec.split(":", 1)[1]]["acc"]
@@ -347,6 +371,7 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(extra_study, t
         assert rec[split]["tasks"][PROBE] == pytest.approx(want_probe[split])
         (code,) = r["code"].values()
         assert code["metrics"]["pass@1"] == pytest.approx(rec[split]["tasks"][code_task]) == pytest.approx(want[split])
+        assert code["executions_by_host"] == ([2, 2] if nproc == 2 else [6])
 
 
 # ------------------------------------------------------------------------------------------ several processes
