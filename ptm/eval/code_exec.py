@@ -745,11 +745,12 @@ def pass_at_ks(n: int, c: int, ks: Iterable[int]) -> dict[str, float]:
 def humaneval_scorer(outputs: Sequence[str], reference, meta: dict) -> dict[str, float]:
     """Eval-set items with scorer "humaneval": meta = the problem (HumanEval `prompt`/`test`/`entry_point`, evalplus
     `canonical_solution`/`base_input`/..., or MBPP `test_list`) and `k` (default 1). Runs each sample's program in
-    the default sandbox; pass@1 and pass@k (unbiased, n >= k samples)."""
+    the default sandbox; pass@1 and pass@k (unbiased, n >= k samples). On several JAX processes (the harness
+    scores every item on every process, in the same order) the samples are split over them (`run_statuses`)."""
     require_allowed()
     prob = {kk: v for kk, v in meta.items() if kk != "k"}
-    results = default_sandbox().run_many([program_for(prob, o) for o in outputs])
-    n, c, k = len(outputs), sum(r.passed for r in results), scorers.program_k(meta)
+    results, _ = run_statuses(default_sandbox(), [program_for(prob, o) for o in outputs])
+    n, c, k = len(outputs), results.count("passed"), scorers.program_k(meta)
     out = {"pass@1": scorers.pass_at_k(n, c, 1), "score": scorers.pass_at_k(n, c, k)}
     out[f"pass@{k}"] = out["score"]
     return out
@@ -801,13 +802,19 @@ def execution_share(n_executions: int, process: int, processes: int) -> list[int
 _STATUS_CODE = {v: k for k, v in _STATUS.items()}
 
 
-def _run_split(sb: Sandbox, programs: Sequence[str], progress=None) -> tuple[list[str], list[int]]:
-    """(status of every program, executions per process): each JAX process runs its `execution_share` and the
-    statuses are all-gathered, so every process returns the same list. Needed because a sandboxed run is not
-    deterministic (a timeout on one busy host, not on another): processes that each ran everything could
-    disagree on a score, and later SPMD programs that depend on it (selection, merges) would deadlock."""
+def run_statuses(sb: Sandbox, programs: Sequence[str], *, split: bool | None = None,
+                 progress=None) -> tuple[list[str], list[int]]:
+    """(status of every program, executions per process). `split` (default: when several JAX processes run):
+    every process calls this with the same programs, runs its `execution_share` and gets every status by an
+    all-gather, so all processes return the same list. Needed because a sandboxed run is not deterministic (a
+    timeout on one busy host, not on another): processes that each ran everything could disagree on a score,
+    and later SPMD programs that depend on it (selection, merges) would deadlock."""
     from ptm.parallel.sync import gather_ints, process_count, process_index
 
+    if split is None:
+        split = process_count() > 1
+    if not split:
+        return [r.status for r in sb.run_many(programs, progress=progress)], [len(programs)]
     P, me = process_count(), process_index()
     mine = execution_share(len(programs), me, P)
     codes = [-1] * len(programs)
@@ -834,14 +841,7 @@ def score_completions(problems: Sequence[dict[str, Any]], completions: Sequence[
         for c in comps:
             programs.append(program_for(prob, c))
             owner.append(i)
-    if split is None:
-        from ptm.parallel.sync import process_count
-
-        split = process_count() > 1
-    if split:
-        results, by_host = _run_split(sb, programs, progress)
-    else:
-        results, by_host = [r.status for r in sb.run_many(programs, progress=progress)], [len(programs)]
+    results, by_host = run_statuses(sb, programs, split=split, progress=progress)
     if stats is not None:
         stats["executions_by_host"] = by_host
     per = [{"task_id": p.get("task_id", str(i)), "n": 0, "c": 0, "statuses": []} for i, p in enumerate(problems)]
