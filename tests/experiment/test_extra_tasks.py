@@ -1,6 +1,8 @@
 """Experiment tasks beyond the eval-set format: `lm_eval:TASK` (lm-evaluation-harness over the shipped toy task
 YAMLs) and `code:FILE` (problems executed in the sandbox) feed the study's scores, tables and selection; each split
-scores its own documents, and the numbers equal `ptm eval --lm-eval ... --lm-eval-split S` / `--code-eval FILE`."""
+scores its own documents, and the numbers equal `ptm eval --lm-eval ... --lm-eval-split S` / `--code-eval FILE`
+(on 1 process and as one SPMD program of 2). The same study on 2 processes gives the 1-process score files, tables
+and CSV, its sandbox executions split over the processes."""
 
 from __future__ import annotations
 
