@@ -21,7 +21,7 @@ the merges after it are SPMD programs every process runs from those scores.
     problem i on process (i*n + j) % P, `code_exec.execution_share`) and their statuses all-gathered. Each
     process running everything would waste the pod's CPUs and could disagree on a score (a timeout on one
     busy host and not on another).
-Only process 0 writes (the runner's score files); nothing here writes a file.
+Only process 0 writes (the runner's score files); nothing here writes to the results dir or a shared path.
 
 lm-eval is an optional extra: it is imported only when a config names an `lm_eval:` task.
 """
