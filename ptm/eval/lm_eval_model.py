@@ -23,10 +23,13 @@ Requests map onto `ptm.eval.decode`:
     `ptm.data.chat`, so a prompt is token-for-token what training saw.
 
 Multi-host: every process runs the harness on the same task files (lm-eval is deterministic given its seeds) and
-reports rank 0 of world size 1, so lm-eval never splits requests; with more than one JAX process the mesh is
-built over each process's *local* devices and each process holds the whole model, so every process computes the
-numbers the single-process run computes (up to the reduction order of a different mesh). Only process 0 should
-print or write results (`ptm eval` does that). See docs/eval.md.
+reports rank 0 of world size 1, so lm-eval never splits requests. Given a jax Mesh over every process's devices
+(`ptm eval`, `ptm experiment`), every process makes the same `ptm.eval.decode` calls on it, computes its own rows
+and gets every result by an all-gather: the model stays sharded over the hosts and every process ends with the
+numbers of one process on that mesh. A `mesh=DATAxFSDPxTENSOR` model_arg (lm-eval's own CLI, `ptm lm-eval`, where
+nothing else coordinates the processes) is built over each process's *local* devices instead, and each process
+holds the whole model. Only process 0 should print or write results (`ptm eval` does that). See
+docs/multihost.md.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ MODEL_NAME = "ptm"
 
 
 def parse_mesh_spec(spec: Any):
-    """`None`, a jax Mesh, or "DATAxFSDPxTENSOR" / "DATA:FSDP:TENSOR" (commas are model_args separators). With
-    several JAX processes the mesh covers this process's local devices (every process runs everything)."""
+    """`None`, a jax Mesh (used as given, e.g. one over every process), or "DATAxFSDPxTENSOR" /
+    "DATA:FSDP:TENSOR" (commas are model_args separators): with several JAX processes such a spec covers this
+    process's local devices (every process runs everything on its own copy)."""
     if spec is None or spec == "" or spec == "none":
         return None
     from jax.sharding import Mesh
@@ -184,9 +188,9 @@ class PtmLM(TemplateLM):
         super().__init__()
         if unknown:
             raise ConfigError(f"ptm lm-eval model: unknown model_args {sorted(unknown)}")
-        from ptm.ckpt.params import load_checkpoint, place_params, read_model_config
+        from ptm.ckpt.params import load_checkpoint, read_model_config
         from ptm.data.tokenizers import load_tokenizer
-        from ptm.eval.harness import check_vocab
+        from ptm.eval.harness import check_vocab, place_on_mesh
 
         sources = sum(x is not None for x in (checkpoint, recipe, params))
         if sources != 1:
@@ -212,8 +216,8 @@ class PtmLM(TemplateLM):
             check_vocab(config, tok, name or "params")
         if dtype:
             config = dataclasses.replace(config, dtype=str(dtype))
-        if self.mesh is not None:
-            params = place_params(params, config, self.mesh)
+        if self.mesh is not None:  # numpy leaves (an in-memory merge) sliced per device: fine across processes
+            params = place_on_mesh(params, config, self.mesh)
         else:  # once, not on every jitted call (an in-memory merge is a tree of numpy arrays)
             import jax
 

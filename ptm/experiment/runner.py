@@ -458,7 +458,7 @@ class Experiment:
         from ptm.experiment.extra_eval import ExtraScorer
 
         if self._extra is None:
-            self._extra = ExtraScorer(self.cfg)
+            self._extra = ExtraScorer(self.cfg, log=self.say)
         return self._extra.score(params, mcfg, self._tokenizer(), specs, split, mesh=self._eval_mesh(), where=mid)
 
     def _tokenizer(self):

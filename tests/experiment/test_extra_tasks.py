@@ -1,6 +1,8 @@
 """Experiment tasks beyond the eval-set format: `lm_eval:TASK` (lm-evaluation-harness over the shipped toy task
 YAMLs) and `code:FILE` (problems executed in the sandbox) feed the study's scores, tables and selection; each split
-scores its own documents, and the numbers equal `ptm eval --lm-eval ... --lm-eval-split S` / `--code-eval FILE`."""
+scores its own documents, and the numbers equal `ptm eval --lm-eval ... --lm-eval-split S` / `--code-eval FILE`
+(on 1 process and as one SPMD program of 2). The same study on 2 processes gives the 1-process score files, tables
+and CSV, its sandbox executions split over the processes."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +22,8 @@ from ptm.errors import ConfigError
 from ptm.experiment.config import parse
 from ptm.experiment.task_specs import parse_spec
 from ptm.toml_file import load_toml
+
+from ..scale.cluster import start_cli, wait_all
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "configs/experiments/micro.toml"
@@ -176,6 +181,23 @@ def test_the_staged_benchmark_yamls_have_distinct_validation_and_test_splits(tmp
         shutil.rmtree(root, ignore_errors=True)
 
 
+@needs_lm_eval
+def test_datasets_cache_sends_the_arrow_cache_to_the_given_dir(tmp_path):
+    """What keeps lm-eval's task loading off the user's (possibly shared) ~/.cache in a study: every process
+    caches the task files in a temporary directory of its own."""
+    import datasets
+
+    from ptm.experiment.extra_eval import datasets_cache
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"a": 1}\n{"a": 2}\n')
+    before = datasets.config.HF_DATASETS_CACHE
+    with datasets_cache(str(tmp_path / "cache")):
+        assert len(datasets.load_dataset("json", data_files=str(f), split="train")) == 2
+    assert list((tmp_path / "cache").rglob("*.arrow"))
+    assert datasets.config.HF_DATASETS_CACHE == before
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -247,29 +269,44 @@ warmup_ratio = 0.0
 """
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
+def _env(hf_cache: Path) -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT),
+            "HF_DATASETS_CACHE": str(hf_cache)}
 
 
-@needs_lm_eval
-@pytest.mark.slow  # a real `ptm experiment` (5 one-step runs, 7 models) and two `ptm eval` runs: ~60-90 s
-def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
-    code_dir = tmp_path / "code"
+@pytest.fixture(scope="module")
+def extra_study(tmp_path_factory):
+    """The study (code task, lm-eval toy task and probe) on 1 process x 2 devices: what the 2-process run must
+    equal, and what `ptm eval` is compared with. HF_DATASETS_CACHE points at a directory that must stay unused
+    (the study gives lm-eval's `datasets` a temporary cache of its own)."""
+    base = tmp_path_factory.mktemp("extra")
+    code_dir = base / "code"
     want = _problems(code_dir)
-    code_task = f"code:{code_dir}/{{split}}/add.jsonl"
-    toml = tmp_path / "extra.toml"
-    probe_dir = tmp_path / "probe"
+    probe_dir = base / "probe"
     probe_dir.mkdir()
     _docs(probe_dir / "validation.jsonl", [0, 0])  # acc 1 on validation, 2/3 on test
     _docs(probe_dir / "test.jsonl", [0, 1, 0])
     _yaml(probe_dir, "probe", {"validation": probe_dir / "validation.jsonl", "test": probe_dir / "test.jsonl"})
-    want_probe = {"validation": 1.0, "test": 2 / 3}
+    toml = base / "extra.toml"
+    code_task = f"code:{code_dir}/{{split}}/add.jsonl"
     toml.write_text(EXTRA_TOML.format(lm=LM_TASK, code=code_task, include=TOY_TASKS, probe=PROBE,
                                       probe_dir=probe_dir))
-    out = tmp_path / "results"
-    p = subprocess.run([sys.executable, "-m", "ptm.cli", "experiment", str(toml), "--results-dir", str(out)],
-                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
-    assert p.returncode == 0, p.stderr[-4000:]
+    hf = base / "hf_datasets"
+    out = base / "results"
+    procs = start_cli(["experiment", str(toml), "--results-dir", str(out)], base / "one", num_processes=1,
+                      devices_per_process=2, env_extra={"HF_DATASETS_CACHE": str(hf)}, cwd=ROOT)
+    wait_all(procs, base / "one", timeout=900)
+    return SimpleNamespace(base=base, toml=toml, out=out, hf=hf, code_dir=code_dir, code_task=code_task,
+                           want=want, probe_dir=probe_dir, want_probe={"validation": 1.0, "test": 2 / 3})
+
+
+@needs_lm_eval
+@pytest.mark.slow  # a real `ptm experiment` (5 one-step runs, 7 models) and two `ptm eval` runs: ~60-90 s
+def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(extra_study, tmp_path):
+    S = extra_study
+    out, code_dir, code_task, want, want_probe, probe_dir = (S.out, S.code_dir, S.code_task, S.want, S.want_probe,
+                                                              S.probe_dir)
+    assert not S.hf.exists()  # lm-eval's datasets cache went to the study's own temporary directory
 
     res = json.loads((out / "results.json").read_text())
     for mid, m in res["models"].items():
@@ -299,7 +336,7 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
     from ptm.experiment.runner import Experiment
     from ptm.experiment.task_specs import by_kind
 
-    exp = Experiment(load(str(toml), str(out)), log=lambda s: None)
+    exp = Experiment(load(str(S.toml), str(out)), log=lambda s: None)
     exp.plan_models()
     for split in ("validation", "test"):
         for f in (out / "scores" / split).glob("*.json"):
@@ -309,8 +346,9 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
             fp = exp._fingerprint(m, tasks, len(exp._eval_items(split, native)), split)
             assert json.loads(f.read_text())["fingerprint"] == fp, (split, f.stem)
 
-    # The same numbers from `ptm eval` on the study's theta_G checkpoint, split by split.
-    for split in ("validation", "test"):
+    # The same numbers from `ptm eval` on the study's theta_G checkpoint, split by split: validation as one SPMD
+    # program of 2 processes x 1 device (global mesh; the code executions split over them), test on 1 process.
+    for split, nproc in (("validation", 2), ("test", 1)):
         j = tmp_path / f"eval_{split}.json"
         cmd = [sys.executable, "-m", "ptm.cli", "eval", str(out / "runs" / "general"),
                "--lm-eval", "ptm_toy_world_qa_mc,probe", "--lm-eval-include", str(TOY_TASKS),
@@ -320,8 +358,14 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
                "--allow-code-execution", "--code-samples", "2", "--code-k", "1", "--code-max-new-tokens", "3",
                "--code-stop", "\n", "--code-stop", "\r", "--code-timeout", "5", "--code-workers", "2",
                "--batch-size", "16", "--out", str(j)]
-        q = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
-        assert q.returncode == 0, q.stderr[-4000:]
+        if nproc == 1:
+            q = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path / "hf"), cwd=ROOT,
+                               timeout=600)
+            assert q.returncode == 0, q.stderr[-4000:]
+        else:
+            logs = tmp_path / f"eval_{split}"
+            wait_all(start_cli(cmd[3:], logs, num_processes=nproc, devices_per_process=1, cwd=ROOT,
+                               env_extra={"HF_DATASETS_CACHE": str(tmp_path / "hf")}), logs, timeout=600)
         (r,) = json.loads(j.read_text())["results"]
         for spec in (LM_TASK, PROBE):
             got = r["lm_eval"]["metrics"][spec.split(":", 1)[1]]["acc"]
@@ -329,3 +373,52 @@ def test_lm_eval_and_code_tasks_feed_the_study_and_equal_ptm_eval(tmp_path):
         assert rec[split]["tasks"][PROBE] == pytest.approx(want_probe[split])
         (code,) = r["code"].values()
         assert code["metrics"]["pass@1"] == pytest.approx(rec[split]["tasks"][code_task]) == pytest.approx(want[split])
+        assert code["executions_by_host"] == ([2, 2] if nproc == 2 else [6])
+
+
+# ------------------------------------------------------------------------------------------ several processes
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_the_execution_split_runs_every_sample_once(processes):
+    from ptm.eval.code_exec import execution_share
+
+    problems, n = 5, 4  # sample j of problem i is execution i*n + j
+    shares = [execution_share(problems * n, p, processes) for p in range(processes)]
+    ran = sorted(divmod(k, n) for share in shares for k in share)
+    assert ran == [(i, j) for i in range(problems) for j in range(n)]  # each (problem, sample) exactly once
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert all(k % processes == p for p, share in enumerate(shares) for k in share)
+    with pytest.raises(ConfigError, match="process 2 of 2"):
+        execution_share(4, 2, 2)
+
+
+@needs_lm_eval
+@pytest.mark.slow  # one 2-process study (the 1-process one is the fixture above): ~60-90 s on 2 cores
+def test_two_processes_score_lm_eval_and_code_tasks_as_one(extra_study):
+    """The same study as one SPMD program of 2 processes x 1 device (the same 2-device global mesh): lm-eval runs
+    on every process with the decoder on the global mesh, code executions split over the processes; scores,
+    tables and CSV equal the 1-process run's."""
+    S = extra_study
+    two = S.base / "two"
+    procs = start_cli(["experiment", str(S.toml), "--results-dir", str(two)], S.base / "two", num_processes=2,
+                      devices_per_process=1, env_extra={"HF_DATASETS_CACHE": str(S.hf)}, cwd=ROOT)
+    wait_all(procs, S.base / "two", timeout=900)
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (S.out, two))
+    assert r2["models"] == r1["models"] and r2["tables"] == r1["tables"]
+    for name in ("tables.md", "results.csv"):
+        assert (two / name).read_text() == (S.out / name).read_text(), name
+    for split in ("validation", "test"):
+        ones = sorted((S.out / "scores" / split).glob("*.json"))
+        assert ones and [f.name for f in ones] == sorted(f.name for f in (two / "scores" / split).glob("*.json"))
+        for f in ones:
+            a, b = json.loads(f.read_text()), json.loads((two / "scores" / split / f.name).read_text())
+            for key in ("tasks", "n_items", "examples", "extra"):
+                assert a[key] == b[key], (split, f.name, key)
+            assert S.code_task in a["extra"] and LM_TASK in a["extra"]
+    assert not S.hf.exists()  # no process touched the shared datasets cache
+    # the sandbox runs were split: 2 problems x 2 samples on validation, 3 x 2 on test, half on each host
+    log = (S.base / "two_0.txt").read_text()
+    assert f"validation {S.code_task}: 4 executions, by host [2, 2]" in log, log[-3000:]
+    assert f"test {S.code_task}: 6 executions, by host [3, 3]" in log, log[-3000:]
+    assert "report:" in log and "report:" not in (S.base / "two_1.txt").read_text()  # only process 0 writes

@@ -287,6 +287,39 @@ def decode(out: str) -> dict:
     }
 
 
+@scenario
+def code_exec(out: str) -> dict:
+    """Sandboxed executions split over the processes: `score_completions` (3 problems with 2, 2 and 1 samples:
+    5 executions) and the eval-set `humaneval` scorer (3 samples). The Sandbox subclass only records which
+    programs this process ran."""
+    from ptm.eval import code_exec as ce
+
+    ce.allow_code_execution(True)
+    ran: list[str] = []
+
+    class Recording(ce.Sandbox):
+        def run_many(self, sources, progress=None):
+            ran.extend(sources)
+            return super().run_many(sources, progress)
+
+    def prob(i: int) -> dict:
+        return {"task_id": f"t/{i}", "entry_point": "add", "prompt": "def add(a, b):\n",
+                "test": "def check(f):\n    assert f(2, 3) == 5\n"}
+
+    ok, bad = "    return a + b\n", "    return a - b\n"
+    sb = Recording(timeout_s=10, workers=2)
+    stats: dict = {}
+    metrics, per, statuses = ce.score_completions([prob(0), prob(1), prob(2)], [[ok, bad], [bad, bad], [ok]], [1],
+                                                  sb, stats=stats)
+    n_scored = len(ran)
+    ce._DEFAULT = Recording(timeout_s=10, workers=2)  # what humaneval_scorer runs in
+    h = ce.humaneval_scorer([ok, bad, ok], None, {**prob(3), "k": 2})
+    sb.close()
+    return {"statuses": np.array([s for rec in per for s in rec["statuses"]]), "pass1": np.float64(metrics["pass@1"]),
+            "by_host": np.asarray(stats["executions_by_host"]), "ran_scored": np.int64(n_scored),
+            "ran_total": np.int64(len(ran)), "he": np.array([h["pass@1"], h["pass@2"]])}
+
+
 def main(argv: list[str]) -> int:
     name, out = argv[0], argv[1]
     info = distributed.initialize()
