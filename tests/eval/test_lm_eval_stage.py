@@ -215,3 +215,31 @@ def test_ptm_eval_runs_the_four_benchmarks_from_staged_files(staged, data, tmp_p
     q = {r["doc"]["question"] for r in res["validation"]["samples"]["gsm8k"]}
     assert q.isdisjoint({r["doc"]["question"] for r in res["test"]["samples"]["gsm8k"]})
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_evalset_commands(tmp_path, capsys):
+    from ptm.cli import main
+
+    src = fab.gsm8k(tmp_path / "dl/gsm8k")
+    tq = fab.truthfulqa(tmp_path / "dl/tq")
+    out = tmp_path / "data"
+    assert main(["evalset", "lm-eval-data", "--gsm8k", str(src), "--truthfulqa", str(tq), "--out", str(out),
+                 "--gsm8k-validation", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}/gsm8k: 3 files; train 6, validation 2, test 3" in printed
+    assert f"{out}/truthfulqa: 2 files; validation 2, test 6" in printed
+    assert main(["evalset", "lm-eval-data", "--gsm8k", str(src), "--out", str(out)]) == 2  # exists, no --force
+    assert "already exists (use --force" in capsys.readouterr().err
+    assert main(["evalset", "lm-eval-data", "--out", str(out)]) == 2
+    assert "nothing to convert" in capsys.readouterr().err
+    (src / "main" / f"test{fab.SHARD}").write_bytes(b"PAR1 broken")
+    assert main(["evalset", "lm-eval-data", "--gsm8k", str(src), "--out", str(tmp_path / "d2")]) == 2
+    assert f"{src}/main/test{fab.SHARD}: cannot read parquet" in capsys.readouterr().err
+    assert not (tmp_path / "d2").exists() or not any((tmp_path / "d2").iterdir())
+    yamls = tmp_path / "tasks"
+    assert main(["evalset", "lm-eval-tasks", "--out", str(yamls), "--tasks", "gsm8k,truthfulqa_mc1"]) == 0
+    assert "gsm8k: 1 task(s)" in capsys.readouterr().out
+    assert main(["evalset", "lm-eval-tasks", "--out", str(yamls), "--tasks", "gsm8k"]) == 2
+    assert main(["evalset", "lm-eval-tasks", "--out", str(yamls), "--tasks", "gsm8k", "--force"]) == 0
+    assert main(["evalset", "lm-eval-tasks", "--out", str(tmp_path / "x"), "--tasks", "arc"]) == 2
+    assert "expected some of" in capsys.readouterr().err
