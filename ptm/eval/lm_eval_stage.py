@@ -215,6 +215,10 @@ def plan(tasks: Sequence[str] = DEFAULT_TASKS, tasks_dir: Path | None = None) ->
         for bench in benches:
             tree = _Tree()
             _collect(bench.name, index, tree, str(src))
+            for p in sorted(tree.others):  # a task YAML included by another (truthfulqa_mc2 includes mc1's) is
+                own = read_yaml(p)  # staged too, so no copied file still points at the hub
+                if p.suffix == ".yaml" and isinstance(own.get("task"), str) and "group" not in own:
+                    tree.leaves.setdefault(own["task"], p)
             leaves = {}
             for name, path in sorted(tree.leaves.items()):
                 cfg, files = staged_config(bench, path)

@@ -57,7 +57,7 @@ def data(tmp_path_factory, staged):
 def test_stage_writes_lm_evals_definitions_reading_local_files(staged):
     out, manifest = staged
     assert {b: len(v) for b, v in manifest.items()} == {"mmlu": 57, "bbh_cot_fewshot": 27, "gsm8k": 1,
-                                                        "truthfulqa_mc1": 1, "truthfulqa_mc2": 1}
+                                                        "truthfulqa_mc1": 1, "truthfulqa_mc2": 2}
     src = S.lm_eval_tasks_dir()
     for leaf in ("mmlu/default/mmlu_astronomy.yaml", "bbh/cot_fewshot/word_sorting.yaml", "gsm8k/gsm8k.yaml",
                  "truthfulqa/truthfulqa_mc2.yaml"):
@@ -195,7 +195,7 @@ def test_ptm_eval_runs_the_four_benchmarks_from_staged_files(staged, data, tmp_p
     res = {}
     for split in ("validation", "test"):
         j = tmp_path / f"{split}.json"
-        args = ["eval", str(ckpt), "--lm-eval", ",".join(TASKS[:4]), "--lm-eval-include", str(out),
+        args = ["eval", str(ckpt), "--lm-eval", ",".join(TASKS), "--lm-eval-include", str(out),
                 "--lm-eval-data", str(data[0]), "--lm-eval-split", split, "--lm-eval-log-samples",
                 "--lm-eval-gen-kwargs", "max_gen_toks=4", "--batch-size", "32", "--out", str(j), "--no-progress"]
         assert main(args) == 0
@@ -207,8 +207,9 @@ def test_ptm_eval_runs_the_four_benchmarks_from_staged_files(staged, data, tmp_p
         assert 0 <= groups["mmlu"]["acc,none"] <= 1
         assert "exact_match,get-answer" in groups["bbh_cot_fewshot"]
         assert "exact_match,strict-match" in results["gsm8k"] and "acc,none" in results["truthfulqa_mc1"]
+        assert 0 <= results["truthfulqa_mc2"]["acc,none"] <= 1  # its !function utils.process_results_mc2 ran
         leaves = {t for t in results if t not in groups}
-        assert len(leaves) == 57 + 27 + 2 and set(samples) == leaves
+        assert len(leaves) == 57 + 27 + 3 and set(samples) == leaves
         for task, recs in samples.items():  # every subtask read its own split's staged file, and only that
             bench = "mmlu" if task.startswith("mmlu") else "bbh" if task.startswith("bbh") else task.split("_")[0]
             assert len({r["doc_id"] for r in recs}) == DOCS[bench][split], (task, split)  # (a record per filter)
@@ -243,3 +244,12 @@ def test_evalset_commands(tmp_path, capsys):
     assert main(["evalset", "lm-eval-tasks", "--out", str(yamls), "--tasks", "gsm8k", "--force"]) == 0
     assert main(["evalset", "lm-eval-tasks", "--out", str(tmp_path / "x"), "--tasks", "arc"]) == 2
     assert "expected some of" in capsys.readouterr().err
+
+
+def test_a_task_yaml_included_by_another_is_staged_too(tmp_path):
+    """truthfulqa_mc2.yaml includes truthfulqa_mc1.yaml: staging mc2 alone must not leave a copied mc1 that reads
+    the hub."""
+    man = S.write_task_yamls(tmp_path / "t", ["truthfulqa_mc2"])
+    assert sorted(man["truthfulqa_mc2"]) == ["truthfulqa_mc1", "truthfulqa_mc2"]
+    for f in ("truthfulqa_mc1.yaml", "truthfulqa_mc2.yaml"):
+        assert S.resolved(tmp_path / "t/truthfulqa" / f)["dataset_path"] == "json", f
