@@ -190,6 +190,10 @@ def staged_config(bench: Benchmark, path: Path) -> tuple[dict[str, Any], dict[st
     own = read_yaml(path)
     d = _data_dir(bench, cfg, path)
     splits = {k: v for k, v in cfg.items() if k in ("training_split", "fewshot_split") and v}
+    clash = {k: v for k, v in splits.items() if v in STUDY_SPLITS.values()}
+    if clash:  # its few-shot examples would come from the documents a study selects on or reports
+        raise ConfigError(f"{path}: {clash} names a split that staging reserves for the study's validation/test "
+                          "documents; stage this task by hand (docs/eval.md, 'Staging')")
     splits.update(STUDY_SPLITS)
     files = {s: f"{DATA_VAR}/{d}/{s}.jsonl" for s in dict.fromkeys(splits.values())}
     own.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files}, **splits)

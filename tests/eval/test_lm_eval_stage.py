@@ -253,3 +253,13 @@ def test_a_task_yaml_included_by_another_is_staged_too(tmp_path):
     assert sorted(man["truthfulqa_mc2"]) == ["truthfulqa_mc1", "truthfulqa_mc2"]
     for f in ("truthfulqa_mc1.yaml", "truthfulqa_mc2.yaml"):
         assert S.resolved(tmp_path / "t/truthfulqa" / f)["dataset_path"] == "json", f
+
+
+def test_a_task_whose_few_shot_split_is_validation_is_refused(tmp_path):
+    src = tmp_path / "tasks" / "gsm8k"
+    src.mkdir(parents=True)
+    (src / "gsm8k.yaml").write_text("task: gsm8k\ndataset_path: x/y\nfewshot_split: validation\ntest_split: test\n"
+                                    "output_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n")
+    with pytest.raises(ConfigError, match=r"gsm8k.yaml: \{'fewshot_split': 'validation'\} names a split"):
+        S.write_task_yamls(tmp_path / "out", ["gsm8k"], tasks_dir=tmp_path / "tasks")
+    assert not (tmp_path / "out").exists()
