@@ -110,9 +110,11 @@ def register(subparsers) -> None:
                        ("truthfulqa", "truthfulqa/truthful_qa")):
         d.add_argument(f"--{name}", metavar="DIR", help=f"a download of {repo} (huggingface-cli download {repo} "
                        "--repo-type dataset --local-dir DIR)")
-    d.add_argument("--gsm8k-validation", type=int, default=500, help="last N train problems held out for validation")
-    d.add_argument("--bbh-validation-fraction", type=float, default=0.2, help="share of each BBH task for validation")
-    d.add_argument("--truthfulqa-validation-fraction", type=float, default=0.25,
+    d.add_argument("--gsm8k-validation", type=int, default=500, metavar="N",
+                   help="last N train problems held out for validation")
+    d.add_argument("--bbh-validation-fraction", type=float, default=0.2, metavar="F",
+                   help="share of each BBH task for validation")
+    d.add_argument("--truthfulqa-validation-fraction", type=float, default=0.25, metavar="F",
                    help="share of TruthfulQA's questions for validation")
     d.add_argument("--seed", type=int, default=0, help="seed of the BBH / TruthfulQA split")
     d.add_argument("--force", action="store_true", help="replace existing benchmark directories under --out")
