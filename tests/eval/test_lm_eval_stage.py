@@ -186,12 +186,17 @@ def test_built_in_names_resolve_to_the_staged_definitions_even_with_lm_evals_own
 
 
 def test_ptm_eval_runs_the_four_benchmarks_from_staged_files(staged, data, tmp_path, tiny_config, tiny_params):
+    import orbax.checkpoint as ocp
+
+    from ptm.ckpt import format as ckpt_format
     from ptm.cli import main
-    from tests.eval.test_lm_eval import _save
 
     out, _ = staged
     ckpt = tmp_path / "ckpt"
-    _save(ckpt, tiny_config, tiny_params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(ckpt / "params", tiny_params)
+    ckptr.wait_until_finished()
+    ckpt_format.write_meta(ckpt, ckpt_format.make_meta(tiny_config.to_dict(), step=1))
     res = {}
     for split in ("validation", "test"):
         j = tmp_path / f"{split}.json"
