@@ -93,6 +93,60 @@ def register(subparsers) -> None:
     x.add_argument("--force", action="store_true", help="overwrite existing outputs")
     x.set_defaults(func=run_xstest)
 
+    t = es.add_parser("lm-eval-tasks", help="lm-eval's own YAMLs of mmlu, bbh_cot_fewshot, gsm8k, truthfulqa_mc1 "
+                      "reading local JSONL (with validation and test splits)",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", required=True, metavar="DIR", help="task YAML directory (--lm-eval-include DIR)")
+    t.add_argument("--tasks", default="mmlu,bbh_cot_fewshot,gsm8k,truthfulqa_mc1",
+                   help="comma-separated; also truthfulqa_mc2")
+    t.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    t.set_defaults(func=run_lm_eval_tasks)
+
+    d = es.add_parser("lm-eval-data", help="the benchmarks' downloaded parquet files -> the JSONL files the staged "
+                      "lm-eval tasks read, validation splits carved",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--out", required=True, metavar="DIR", help="data root (--lm-eval-data DIR, ${PTM_LM_EVAL_DATA})")
+    for name, repo in (("mmlu", "cais/mmlu"), ("gsm8k", "openai/gsm8k"), ("bbh", "lukaemon/bbh"),
+                       ("truthfulqa", "truthfulqa/truthful_qa")):
+        d.add_argument(f"--{name}", metavar="DIR", help=f"a download of {repo} (huggingface-cli download {repo} "
+                       "--repo-type dataset --local-dir DIR)")
+    d.add_argument("--gsm8k-validation", type=int, default=500, metavar="N",
+                   help="last N train problems held out for validation")
+    d.add_argument("--bbh-validation-fraction", type=float, default=0.2, metavar="F",
+                   help="share of each BBH task for validation")
+    d.add_argument("--truthfulqa-validation-fraction", type=float, default=0.25, metavar="F",
+                   help="share of TruthfulQA's questions for validation")
+    d.add_argument("--seed", type=int, default=0, help="seed of the BBH / TruthfulQA split")
+    d.add_argument("--force", action="store_true", help="replace existing benchmark directories under --out")
+    d.set_defaults(func=run_lm_eval_data)
+
+
+def run_lm_eval_tasks(args) -> int:
+    from ptm.eval import lm_eval_stage
+
+    tasks = _task_list([args.tasks])
+    written = lm_eval_stage.write_task_yamls(args.out, tasks, force=args.force)
+    for bench, leaves in written.items():
+        print(f"{args.out}: {bench}: {len(leaves)} task(s)")
+    return 0
+
+
+def run_lm_eval_data(args) -> int:
+    from ptm.eval import benchmark_data as bd
+
+    sources = {b: getattr(args, b) for b in bd.CONVERTERS if getattr(args, b)}
+    if not sources:
+        raise ConfigError("nothing to convert: give --mmlu, --gsm8k, --bbh and/or --truthfulqa DIR")
+    opt = bd.Options(gsm8k_validation=args.gsm8k_validation, bbh_validation_fraction=args.bbh_validation_fraction,
+                     truthfulqa_validation_fraction=args.truthfulqa_validation_fraction, seed=args.seed)
+    for bench, files in bd.convert(sources, args.out, opt, force=args.force).items():
+        splits: dict[str, int] = {}
+        for rel, n in files.items():
+            splits[rel.rsplit("/", 1)[-1].removesuffix(".jsonl")] = splits.get(rel.rsplit("/", 1)[-1].removesuffix(
+                ".jsonl"), 0) + n
+        print(f"{args.out}/{bench}: {len(files)} files; " + ", ".join(f"{s} {n}" for s, n in splits.items()))
+    return 0
+
 
 def run_xstest(args) -> int:
     from ptm.eval import xstest
@@ -122,6 +176,9 @@ def _add_lm_eval_args(p) -> None:
                    help="only the first N documents per task (a fraction if < 1)")
     g.add_argument("--lm-eval-max-gen-toks", type=int, default=256,
                    help="generation length for tasks that do not set max_gen_toks")
+    g.add_argument("--lm-eval-gen-kwargs", default=None, metavar="K=V,...",
+                   help="override every generation task's generation_kwargs, e.g. max_gen_toks=64 (lm-eval's "
+                   "--gen_kwargs)")
     g.add_argument("--lm-eval-log-samples", action="store_true", help="keep lm-eval's per-sample records in --out")
     g.add_argument("--lm-eval-split", choices=("validation", "test"), default=None,
                    help="score exactly this split of every task, refusing tasks without distinct validation and "
@@ -314,7 +371,7 @@ def run_eval(args) -> int:
                 lm, lm_tasks, include=args.lm_eval_include, data=args.lm_eval_data, num_fewshot=args.num_fewshot,
                 apply_chat_template=args.apply_chat_template, limit=args.lm_eval_limit,
                 allow_code_execution=args.allow_code_execution, log_samples=args.lm_eval_log_samples,
-                seed=args.seed, split=args.lm_eval_split)
+                seed=args.seed, split=args.lm_eval_split, gen_kwargs=args.lm_eval_gen_kwargs)
             if lead and out is not None:
                 print(lm_eval_model.format_results(name, out), flush=True)
                 rec["lm_eval"] = {"metrics": lm_eval_model.headline(out), "results": out.get("results"),
