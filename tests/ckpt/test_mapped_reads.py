@@ -220,3 +220,13 @@ def test_layouts_that_are_not_raw_bytes_are_refused(md):
     assert M.raw_layout(md, np.dtype("<f4"), (4,)) is None
     ok = {"zarr_format": 2, "compressor": None, "dtype": "<f4", "chunks": [2], "order": "C"}
     assert M.raw_layout(ok, np.dtype("<f4"), (4,)) is not None
+
+
+def test_gcs_checkpoint_reads_through_tensorstore(gcs_bucket, raw_run):
+    """gs:// has no files to map: the same training checkpoint there reads through tensorstore, identically."""
+    run = _save(f"{gcs_bucket}/run")
+    remote, local = S.OrbaxStore(run), S.OrbaxStore(raw_run)
+    infos = remote.tensors()
+    assert remote.mapped() == [] and local.mapped() == sorted(infos)
+    for name in infos:
+        assert _same(remote.read(name, ()), local.read(name, ()))
