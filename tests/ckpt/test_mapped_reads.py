@@ -31,8 +31,8 @@ def _tree() -> dict:
     mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
     big = rng.standard_normal((64, 256), dtype=np.float32).astype(BF16)
     return {
-        "layers": {"w": jax.device_put(big, NamedSharding(mesh, PartitionSpec("d", None))),
-                   "u": rng.standard_normal((3, 40, 24), dtype=np.float32).astype(BF16)},
+        "proj": {"w": jax.device_put(big, NamedSharding(mesh, PartitionSpec("d", None)))},
+        "layers": {"u": rng.standard_normal((3, 40, 24), dtype=np.float32).astype(BF16)},
         "embed": {"embedding": rng.standard_normal((50, 24), dtype=np.float32).astype(BF16)},
         "norm": {"scale": rng.standard_normal((24,), dtype=np.float32).astype(BF16)},  # 48 bytes: inline
         "f32": rng.standard_normal((5, 7), dtype=np.float32),
@@ -74,28 +74,28 @@ def test_every_tensor_of_a_training_checkpoint_bit_identical_to_tensorstore(raw_
     infos = fast.tensors()
     assert fast.mapped() == sorted(infos)  # every params array qualifies
     assert ref.mapped() == []
-    assert fast._chunk_of["layers.w"] == (8, 256)  # noqa: SLF001 sharded: one chunk per device
+    assert fast._chunk_of["proj.w"] == (8, 256)  # noqa: SLF001 sharded: one chunk per device
     for name, info in infos.items():
         for idx in _indices(info.shape):
             got, want = fast.read(name, idx), ref.read(name, idx)
             assert _same(got, want), (name, idx)
     t = _tree()
-    assert _same(fast.read("layers.w", ()), np.asarray(t["layers"]["w"]))
+    assert _same(fast.read("proj.w", ()), np.asarray(t["proj"]["w"]))
     assert _same(fast.read("scalar", ()), np.asarray(t["scalar"]))
 
 
 def test_pieces_are_views_of_the_mapped_data_file(raw_run):
     st = S.OrbaxStore(raw_run)
     st.tensors()
-    v = st.read("layers.w", (slice(8, 12), slice(0, 256)))  # inside chunk 1 (4 KiB: not inline)
+    v = st.read("proj.w", (slice(8, 12), slice(0, 256)))  # inside chunk 1 (4 KiB: not inline)
     assert not v.flags.owndata and not v.flags.writeable
     base = v
     while getattr(base, "base", None) is not None:
         base = base.base
     assert isinstance(getattr(base, "obj", base), mmap.mmap)  # file-backed pages, not a private buffer
     assert not st._cells  # noqa: SLF001 no tensorstore chunk held
-    across = st.read("layers.w", (slice(6, 20),))  # spans three chunks: assembled
-    assert across.flags.owndata and _same(across, np.asarray(_tree()["layers"]["w"])[6:20])
+    across = st.read("proj.w", (slice(6, 20),))  # spans three chunks: assembled
+    assert across.flags.owndata and _same(across, np.asarray(_tree()["proj"]["w"])[6:20])
 
 
 def test_zstd_params_fall_back_to_tensorstore(tmp_path):
@@ -118,32 +118,32 @@ def test_missing_chunk_reads_the_fill_value_like_tensorstore(tmp_path):
     run = _save(tmp_path / "r")
     params = tmp_path / "r" / STEP / "params"
     kv = _ocdbt_kv(params)
-    z = json.loads(kv["layers.w/.zarray"])
+    z = json.loads(kv["proj.w/.zarray"])
     z["fill_value"] = 0.5
-    kv["layers.w/.zarray"] = json.dumps(z).encode()
-    del kv["layers.w/2.0"]
+    kv["proj.w/.zarray"] = json.dumps(z).encode()
+    del kv["proj.w/2.0"]
     md = json.loads((params / "_METADATA").read_text())
     md["store_array_data_equal_to_fill_value"] = False
     (params / "_METADATA").write_text(json.dumps(md))
     fast, ref = S.OrbaxStore(run), S.OrbaxStore(run, mapped=False)
     fast.tensors()
-    assert "layers.w" in fast.mapped()
-    whole = fast.read("layers.w", ())
-    assert _same(whole, ref.read("layers.w", ()))
+    assert "proj.w" in fast.mapped()
+    whole = fast.read("proj.w", ())
+    assert _same(whole, ref.read("proj.w", ()))
     assert (whole[16:24].astype(np.float32) == 0.5).all()
-    assert _same(whole[:16], np.asarray(_tree()["layers"]["w"])[:16])
-    assert not fast.read("layers.w", (slice(0, 8),)).flags.owndata  # a stored chunk: still a mapped view
+    assert _same(whole[:16], np.asarray(_tree()["proj"]["w"])[:16])
+    assert not fast.read("proj.w", (slice(0, 8),)).flags.owndata  # a stored chunk: still a mapped view
 
 
 def test_missing_chunk_without_fill_value_is_refused(tmp_path):
     run = _save(tmp_path / "r")
     params = tmp_path / "r" / STEP / "params"
-    del _ocdbt_kv(params)["layers.w/3.0"]
+    del _ocdbt_kv(params)["proj.w/3.0"]
     st = S.OrbaxStore(run)
     st.tensors()
-    assert _same(st.read("layers.w", (slice(0, 8),)), np.asarray(_tree()["layers"]["w"])[:8])
-    with pytest.raises(CheckpointError, match=r"tensor 'layers.w': chunk \{3, 0\} .* is missing"):
-        st.read("layers.w", (slice(24, 32),))
+    assert _same(st.read("proj.w", (slice(0, 8),)), np.asarray(_tree()["proj"]["w"])[:8])
+    with pytest.raises(CheckpointError, match=r"tensor 'proj.w': chunk \{3, 0\} .* is missing"):
+        st.read("proj.w", (slice(24, 32),))
 
 
 def test_truncated_data_file_is_an_error_not_garbage(tmp_path):
@@ -230,3 +230,33 @@ def test_gcs_checkpoint_reads_through_tensorstore(gcs_bucket, raw_run):
     assert remote.mapped() == [] and local.mapped() == sorted(infos)
     for name in infos:
         assert _same(remote.read(name, ()), local.read(name, ()))
+
+
+def test_merges_from_mapped_inputs_equal_tensorstore_inputs(tmp_path):
+    """The engine on mapped training checkpoints, unsharded and sharded over 8 devices (pieces that cut across
+    the stored chunks), gives the same bits as on the same checkpoints read through tensorstore."""
+    from ptm.merge import engine
+    from ptm.merge.recipe import Recipe
+
+    runs = {}
+    for i, n in enumerate(("pre", "general", "skill")):
+        t = jax.tree.map(lambda a, i=i: (np.asarray(a, np.float32) + i).astype(np.asarray(a).dtype), _tree())
+        ck = RunCheckpointer(tmp_path / n, save_every=1, async_save=False)
+        ck.save(0, {"params": t, "opt_state": {"mu": np.ones((8,), np.float32)}}, None,
+                ckpt_format.make_meta({}, step=0), force=True)
+        ck.close()
+        runs[n] = str(tmp_path / n)
+    r = Recipe("task_arithmetic", {"pre": runs["pre"], "general": runs["general"], "skills": [runs["skill"]]},
+               weights=0.3)
+    ref = engine.merge_to_tree(r, store_cache={p: S.OrbaxStore(p, mapped=False) for p in runs.values()})
+    cache = {p: S.OrbaxStore(p) for p in runs.values()}
+    got = engine.merge_to_tree(r, store_cache=cache)
+    assert all(s.mapped() for s in cache.values())
+    mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+    sharded = engine.merge_to_tree(r, mesh=mesh, store_cache=cache)
+    flat = dict(jax.tree_util.tree_flatten_with_path(ref)[0])
+    for path, want in flat.items():
+        node_g, node_s = got, sharded
+        for k in path:
+            node_g, node_s = node_g[k.key], node_s[k.key]
+        assert _same(node_g, want) and _same(np.asarray(node_s), want), path
