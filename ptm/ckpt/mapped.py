@@ -9,10 +9,10 @@ values or `value:<base>:<relative>:<offset>:<length>` references); for the plain
 a chunk is a file of its own.
 
 Only when every condition holds (local directory; zarr v2; no compressor and no filters; C order; a
-little-endian or single-byte numeric dtype or bfloat16; a chunk of exactly the chunk shape's bytes, inside its
-file); anything else — gs://, zarr3 (Orbax's zarr3 arrays use the `sharding_indexed` codec), zstd, a missing or
-odd-sized chunk — returns None here, and the caller reads through tensorstore, which also owns every error
-message and the fill value of a missing chunk.
+little-endian or single-byte integer, float or complex dtype, or bfloat16; a chunk of exactly the chunk shape's
+bytes, inside its file); anything else — gs://, zarr3 (Orbax's zarr3 arrays use the `sharding_indexed` codec),
+zstd, a missing or odd-sized chunk — returns None here, and the caller reads through tensorstore, which also owns
+every error message and the fill value of a missing chunk.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def _dtype(s: Any) -> np.dtype | None:
         dt = np.dtype(s)
     except TypeError:
         return None
-    return dt if dt.kind in "biufc" and dt.fields is None and dt.subdtype is None else None
+    # not bool: a stored byte other than 0/1 would read raw here but normalised by tensorstore
+    return dt if dt.kind in "iufc" and dt.fields is None and dt.subdtype is None else None
 
 
 @dataclass(frozen=True)
