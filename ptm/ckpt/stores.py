@@ -1,7 +1,8 @@
 """Tensor stores: read single tensors (or slices) of a checkpoint without loading the whole model.
 
 Two kinds, local or gs://:
-- Orbax PyTree checkpoints (ptm model checkpoints and any Orbax pytree checkpoint): read with tensorstore
+- Orbax PyTree checkpoints (ptm model checkpoints and any Orbax pytree checkpoint): uncompressed local arrays
+  are served as views of the memory-mapped files (`ptm.ckpt.mapped`), everything else is read with tensorstore
   straight from the zarr arrays (OCDBT or not); names are the tree paths joined with `.`.
 - Hugging Face safetensors (one file, a dir with `model.safetensors`, or sharded with
   `model.safetensors.index.json`): the header is parsed here (bf16 via ml_dtypes; `safetensors.numpy` refuses
@@ -132,7 +133,8 @@ def _reuse_freed_memory() -> None:
     Why: each chunk read allocates fresh 20-64 MB buffers; served as new mmap pages they cost ~4 page faults
     per KiB read (merging 3 uncompressed TinyLlama checkpoints: 2.6M faults, 9 s of system time; with this
     0.4M faults, 3 s). Private memory stays bounded by the peak of live buffers (the held chunks, below), as
-    the heap is reused. Process-wide, set on the first streamed read only; a no-op without glibc."""
+    the heap is reused. Process-wide, set on the first read through tensorstore only (mapped arrays allocate
+    nothing); a no-op without glibc."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return
