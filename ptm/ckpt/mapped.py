@@ -22,6 +22,7 @@ import math
 import mmap
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -135,20 +136,28 @@ def raw_layout(metadata: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...]
 
 
 class Files:
-    """Read-only maps of the data files, opened once and shared by the arrays of one checkpoint."""
+    """Read-only maps of the data files, shared by the arrays of one checkpoint. At most `keep` stay open (each
+    map holds a file descriptor; a plain zarr layout has one file per chunk); a view handed out keeps its own map
+    alive, so closing one here never invalidates a piece in use."""
 
-    def __init__(self) -> None:
-        self._maps: dict[str, mmap.mmap | None] = {}
+    def __init__(self, keep: int = 64) -> None:
+        self._maps: OrderedDict[str, mmap.mmap | None] = OrderedDict()
+        self._keep = keep
 
     def get(self, path: str) -> mmap.mmap | None:
-        if path not in self._maps:
-            try:
-                with open(path, "rb") as fh:
-                    size = os.fstat(fh.fileno()).st_size
-                    self._maps[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-            except OSError:
-                self._maps[path] = None
-        return self._maps[path]
+        if path in self._maps:
+            self._maps.move_to_end(path)
+            return self._maps[path]
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError:
+            mm = None
+        self._maps[path] = mm
+        while len(self._maps) > self._keep:
+            self._maps.popitem(last=False)
+        return mm
 
 
 class MappedArray:

@@ -262,3 +262,12 @@ def test_merges_from_mapped_inputs_equal_tensorstore_inputs(tmp_path):
         for k in path:
             node_g, node_s = node_g[k.key], node_s[k.key]
         assert _same(node_g, want) and _same(np.asarray(node_s), want), path
+
+
+def test_open_maps_are_bounded_and_views_outlive_them(tmp_path):
+    files = M.Files(keep=2)
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(bytes([i]) * 16)
+    views = [np.frombuffer(files.get(str(tmp_path / f"f{i}")), np.uint8) for i in range(5)]
+    assert len(files._maps) == 2  # noqa: SLF001 (each map holds a file descriptor)
+    assert [int(v[0]) for v in views] == [0, 1, 2, 3, 4]  # evicted maps stay valid while a view uses them
