@@ -1,18 +1,20 @@
 """Uncompressed Orbax arrays read like safetensors: each chunk's bytes memory-mapped where they lie on disk.
 
-Why: an uncompressed zarr v2 chunk *is* the array's raw C-order bytes, and OCDBT stores such a value unchanged
-in one of its data files (OCDBT's `compression` applies to its B+tree and version nodes only). Knowing where each
+Why: an uncompressed zarr chunk *is* the array's raw C-order bytes, and OCDBT stores such a value unchanged in
+one of its data files (OCDBT's `compression` applies to its B+tree and version nodes only). Knowing where each
 chunk lies (file, offset, length), a reader serves views of file-backed pages (no copy, no private memory, no
 decode) instead of tensorstore's read into fresh buffers. The locations come from tensorstore's own dump of the
 OCDBT database (`tensorstore.ocdbt.dump`: the manifest, then the B+tree nodes, whose leaf entries are inline
 values or `value:<base>:<relative>:<offset>:<length>` references); for the plain zarr layout (ptm's merge outputs)
-a chunk is a file of its own.
+a chunk is a file of its own. zarr3 arrays written by Orbax (`use_zarr3`) hold their chunks inside
+`sharding_indexed` shards: an inner chunk is found through the shard's index, used only once its CRC-32C matches.
 
-Only when every condition holds (local directory; zarr v2; no compressor and no filters; C order; a
-little-endian or single-byte integer, float or complex dtype, or bfloat16; a chunk of exactly the chunk shape's
-bytes, inside its file); anything else — gs://, zarr3 (Orbax's zarr3 arrays use the `sharding_indexed` codec),
-zstd, a missing or odd-sized chunk — returns None here, and the caller reads through tensorstore, which also owns
-every error message and the fill value of a missing chunk.
+Only when every condition holds (local directory; zarr v2 with no compressor and no filters, C order, or zarr3
+with only the `bytes` codec (little-endian), directly or inside `sharding_indexed` with a `bytes` + `crc32c`
+index; a little-endian or single-byte integer, float or complex dtype, or bfloat16; a chunk of exactly the chunk
+shape's bytes, inside its file or shard); anything else — gs://, zstd, a transpose codec, a missing or odd-sized
+chunk, a shard index whose checksum fails — returns None here, and the caller reads through tensorstore, which
+also owns every error message and the fill value of a missing chunk.
 """
 
 from __future__ import annotations
@@ -111,16 +113,32 @@ def _dtype(s: Any) -> np.dtype | None:
 
 @dataclass(frozen=True)
 class RawLayout:
-    """A zarr v2 array whose stored chunks are its raw bytes: how to find and view them."""
+    """A zarr array whose stored chunks are its raw bytes: how to find and view them. `chunks` is the read chunk;
+    with zarr3's `sharding_indexed` codec that is the inner chunk, stored inside a shard value of shape `shard`
+    whose index (offset, length per inner chunk, uint64 LE, then a CRC-32C) lies at its end or start."""
 
     dtype: np.dtype
     chunks: tuple[int, ...]
     separator: str
+    key_prefix: str = ""  # zarr3 "default" key encoding: "c" + separator before the indices ("c" for 0-d)
+    shard: tuple[int, ...] | None = None
+    index_at_end: bool = True
+
+    def key(self, cell: tuple[int, ...]) -> str:
+        if self.key_prefix:
+            return self.key_prefix + "".join(self.separator + str(i) for i in cell)
+        return self.separator.join(str(i) for i in cell) if cell else "0"
+
+
+def _positive_ints(x: Any, rank: int) -> bool:
+    return isinstance(x, list) and len(x) == rank and all(isinstance(c, int) and c > 0 for c in x)
 
 
 def raw_layout(metadata: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...]) -> RawLayout | None:
-    """The layout when the zarr v2 `metadata` (as tensorstore reports it) stores chunks as raw C-order bytes of
+    """The layout when the zarr `metadata` (as tensorstore reports it) stores chunks as raw C-order bytes of
     `dtype` (the dtype tensorstore reads); else None."""
+    if metadata.get("zarr_format") == 3:
+        return _raw_layout3(metadata, dtype, shape)
     if metadata.get("zarr_format") != 2 or metadata.get("compressor") is not None:
         return None
     if metadata.get("filters") not in (None, []) or metadata.get("order", "C") != "C":
@@ -128,11 +146,72 @@ def raw_layout(metadata: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...]
     dt = _dtype(metadata.get("dtype"))
     chunks = metadata.get("chunks")
     sep = metadata.get("dimension_separator", ".")
-    if dt is None or dt != dtype or sep not in (".", "/") or not isinstance(chunks, list):
-        return None
-    if len(chunks) != len(shape) or not all(isinstance(c, int) and c > 0 for c in chunks):
+    if dt is None or dt != dtype or sep not in (".", "/") or not _positive_ints(chunks, len(shape)):
         return None
     return RawLayout(dt, tuple(chunks), sep)
+
+
+_ZARR3_TYPES = {f"{k}{b}" for k in ("int", "uint", "float") for b in (8, 16, 32, 64)} | {"complex64", "complex128"}
+
+
+def _dtype3(name: Any) -> np.dtype | None:
+    """A zarr3 `data_type` name as the little-endian numpy dtype of its raw bytes (not bool, as for v2)."""
+    if name == "bfloat16":
+        return np.dtype(BF16)
+    if name not in _ZARR3_TYPES or name == "float8":
+        return None
+    return np.dtype(name).newbyteorder("<")
+
+
+def _bytes_le(codecs: Any, itemsize: int) -> bool:
+    """Exactly one `bytes` codec, little-endian (the endian may be left out for one-byte types)."""
+    if not (isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)):
+        return False
+    c = codecs[0]
+    endian = (c.get("configuration") or {}).get("endian")
+    return c.get("name") == "bytes" and (endian == "little" or (endian is None and itemsize == 1))
+
+
+def _raw_layout3(md: dict[str, Any], dtype: np.dtype, shape: tuple[int, ...]) -> RawLayout | None:
+    dt = _dtype3(md.get("data_type"))
+    grid, enc = md.get("chunk_grid") or {}, md.get("chunk_key_encoding") or {"name": "default"}
+    outer = (grid.get("configuration") or {}).get("chunk_shape")
+    if dt is None or dt != dtype or grid.get("name") != "regular" or not _positive_ints(outer, len(shape)):
+        return None
+    if md.get("storage_transformers") or enc.get("name") not in ("default", "v2"):
+        return None
+    default = enc["name"] == "default"
+    sep = (enc.get("configuration") or {}).get("separator", "/" if default else ".")
+    if sep not in (".", "/"):
+        return None
+    prefix = "c" if default else ""
+    codecs = md.get("codecs")
+    if _bytes_le(codecs, dt.itemsize):
+        return RawLayout(dt, tuple(outer), sep, prefix)
+    if not (isinstance(codecs, list) and len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed"):
+        return None
+    cfg = codecs[0].get("configuration") or {}
+    inner, idx_codecs = cfg.get("chunk_shape"), cfg.get("index_codecs")
+    if not _positive_ints(inner, len(shape)) or any(o % i for o, i in zip(outer, inner, strict=True)):
+        return None
+    if not _bytes_le(cfg.get("codecs"), dt.itemsize) or not isinstance(idx_codecs, list) or len(idx_codecs) != 2:
+        return None
+    if not _bytes_le(idx_codecs[:1], 8) or idx_codecs[1].get("name") != "crc32c" or _crc32c() is None:
+        return None
+    at = cfg.get("index_location", "end")
+    if at not in ("end", "start"):
+        return None
+    return RawLayout(dt, tuple(inner), sep, prefix, tuple(outer), at == "end")
+
+
+def _crc32c():
+    """google-crc32c's `value` (installed with gcsfs's google-cloud-storage), or None: a shard index is used only
+    after its checksum matches, as tensorstore does."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    return google_crc32c.value
 
 
 class Files:
@@ -160,30 +239,69 @@ class Files:
         return mm
 
 
+_MISSING = 2**64 - 1  # a shard index entry (offset, length) for an inner chunk that is not stored
+
+
 class MappedArray:
     """One array's chunks as views of mapped files. `read` returns None for anything it cannot serve exactly."""
 
     def __init__(self, shape: tuple[int, ...], layout: RawLayout, locate, files: Files):
         self.shape, self.layout, self._locate, self._files = shape, layout, locate, files
+        self._indices: OrderedDict[str, np.ndarray | None] = OrderedDict()  # parsed shard indices (a few)
 
-    def _key(self, cell: tuple[int, ...]) -> str:
-        return self.layout.separator.join(str(i) for i in cell) if cell else "0"
-
-    def _chunk(self, cell: tuple[int, ...]) -> np.ndarray | None:
-        """The whole stored chunk `cell` (edge chunks are stored at the full chunk shape), or None."""
-        lay = self.layout
-        ref = self._locate(self._key(cell))
-        n = math.prod(lay.chunks)
+    def _value(self, key: str) -> tuple[Any, int, int] | None:
+        """(buffer, offset, length) of the stored value `key`, inside its buffer, or None."""
+        ref = self._locate(key)
         if isinstance(ref, bytes):
-            if len(ref) != n * lay.dtype.itemsize:
-                return None
-            return np.frombuffer(ref, dtype=lay.dtype).reshape(lay.chunks)
-        if ref is None or ref.length != n * lay.dtype.itemsize:
+            return ref, 0, len(ref)
+        if ref is None:
             return None
         mm = self._files.get(ref.file)
         if mm is None or ref.offset + ref.length > len(mm):
             return None
-        return np.frombuffer(mm, dtype=lay.dtype, count=n, offset=ref.offset).reshape(lay.chunks)
+        return mm, ref.offset, ref.length
+
+    def _shard_index(self, key: str, buf, off: int, length: int, per: list[int]) -> np.ndarray | None:
+        if key in self._indices:
+            self._indices.move_to_end(key)
+            return self._indices[key]
+        size = math.prod(per) * 16 + 4
+        idx = None
+        if length >= size:
+            at = off + length - size if self.layout.index_at_end else off
+            raw = bytes(memoryview(buf)[at:at + size])
+            if _crc32c()(raw[:-4]) == int.from_bytes(raw[-4:], "little"):
+                idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(*per, 2)
+        self._indices[key] = idx
+        while len(self._indices) > 16:
+            self._indices.popitem(last=False)
+        return idx
+
+    def _chunk(self, cell: tuple[int, ...]) -> np.ndarray | None:
+        """The whole stored chunk `cell` (edge chunks are stored at the full chunk shape), or None."""
+        lay = self.layout
+        n = math.prod(lay.chunks)
+        nbytes = n * lay.dtype.itemsize
+        if lay.shard is None:
+            v = self._value(lay.key(cell))
+            if v is None or v[2] != nbytes:
+                return None
+            buf, at = v[0], v[1]
+        else:
+            per = [s // c for s, c in zip(lay.shard, lay.chunks, strict=True)]
+            key = lay.key(tuple(i // p for i, p in zip(cell, per, strict=True)))
+            v = self._value(key)
+            if v is None:
+                return None
+            buf, off, length = v
+            idx = self._shard_index(key, buf, off, length, per)
+            if idx is None:
+                return None
+            start, size = (int(x) for x in idx[tuple(i % p for i, p in zip(cell, per, strict=True))])
+            if start == _MISSING or size != nbytes or start + size > length:
+                return None
+            at = off + start
+        return np.frombuffer(buf, dtype=lay.dtype, count=n, offset=at).reshape(lay.chunks)
 
     def read(self, index: Index) -> np.ndarray | None:
         """The region `index` (explicit bounded unit-step slices): a view when it lies in one chunk, else a copy

@@ -271,3 +271,63 @@ def test_open_maps_are_bounded_and_views_outlive_them(tmp_path):
     views = [np.frombuffer(files.get(str(tmp_path / f"f{i}")), np.uint8) for i in range(5)]
     assert len(files._maps) == 2  # noqa: SLF001 (each map holds a file descriptor)
     assert [int(v[0]) for v in views] == [0, 1, 2, 3, 4]  # evicted maps stay valid while a view uses them
+
+
+def _orbax_dir(d, names) -> None:
+    """The `_METADATA` that makes `d` an Orbax PyTree checkpoint of the zarr arrays `names` (written here)."""
+    tree = {str((n,)): {"key_metadata": [{"key": n, "key_type": 2}],
+                        "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}} for n in names}
+    md = {"tree_metadata": tree, "use_ocdbt": False, "use_zarr3": True}
+    (d / "_METADATA").write_text(json.dumps(md))
+
+
+@pytest.mark.parametrize("at", ["end", "start"])
+def test_zarr3_shards_with_several_inner_chunks(tmp_path, at):
+    """zarr3 `sharding_indexed` (what Orbax writes with use_zarr3): inner chunks are located through the shard's
+    CRC-checked index; an inner chunk left out reads as the fill value, a corrupt index is tensorstore's error."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((20, 12), dtype=np.float32)
+    d = tmp_path / "z3"
+    raw = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    spec = {"driver": "zarr3", "kvstore": S.kvstore_url(d / "a"), "create": True, "metadata": {
+        "shape": [20, 12], "data_type": "float32", "fill_value": 0.5,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [8, 12]}},
+        "codecs": [{"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [4, 6], "codecs": raw, "index_codecs": [*raw, {"name": "crc32c"}],
+            "index_location": at}}]}}
+    arr = ts.open(spec).result()
+    for region in [(slice(0, 4), slice(None)), (slice(4, 8), slice(0, 6)), (slice(8, 20), slice(None))]:
+        arr[region].write(a[region]).result()  # inner chunk (1, 1) of shard (0, 0) is never written
+    _orbax_dir(d, ["a"])
+    want = a.copy()
+    want[4:8, 6:12] = 0.5
+    fast, ref = S.OrbaxStore(d), S.OrbaxStore(d, mapped=False)
+    assert fast.mapped() == ["a"] and fast._chunk_of["a"] == (4, 6)  # noqa: SLF001
+    for idx in [(), (slice(0, 4), slice(6, 12)), (slice(16, 20), slice(0, 6)), (slice(3, 17), slice(2, 11))]:
+        assert _same(fast.read("a", idx), ref.read("a", idx)) and _same(fast.read("a", idx), want[idx]), idx
+    assert not fast.read("a", (slice(8, 12), slice(6, 12))).flags.owndata  # inside an inner chunk: a view
+    shard = d / "a" / "c" / "1" / "0"
+    b = bytearray(shard.read_bytes())
+    i0 = len(b) - (4 * 16 + 4) if at == "end" else 0  # the index: 4 inner chunks x (offset, length), CRC-32C
+    b[i0:i0 + 32] = b[i0 + 16:i0 + 32] + b[i0:i0 + 16]  # swap two entries: in bounds, but the wrong chunks
+    shard.write_bytes(bytes(b))
+    again = S.OrbaxStore(d)
+    again.tensors()
+    with pytest.raises(CheckpointError, match="tensor 'a'"):
+        again.read("a", (slice(8, 12), slice(0, 6)))
+
+
+def test_orbax_zarr3_checkpoint_bit_identical(tmp_path):
+    import orbax.checkpoint as ocp
+
+    t = _tree()
+    for comp in (False, True):
+        d = tmp_path / f"z3-{comp}"
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=comp)).save(
+            d, args=ocp.args.PyTreeSave(t))
+        fast, ref = S.OrbaxStore(d), S.OrbaxStore(d, mapped=False)
+        infos = fast.tensors()
+        assert fast.mapped() == ([] if comp else sorted(infos))  # zstd inside the shards: tensorstore
+        for name, info in infos.items():
+            for idx in _indices(info.shape):
+                assert _same(fast.read(name, idx), ref.read(name, idx)), (comp, name, idx)
