@@ -1,7 +1,8 @@
 """Tensor stores: read single tensors (or slices) of a checkpoint without loading the whole model.
 
 Two kinds, local or gs://:
-- Orbax PyTree checkpoints (ptm model checkpoints and any Orbax pytree checkpoint): read with tensorstore
+- Orbax PyTree checkpoints (ptm model checkpoints and any Orbax pytree checkpoint): uncompressed local arrays
+  are served as views of the memory-mapped files (`ptm.ckpt.mapped`), everything else is read with tensorstore
   straight from the zarr arrays (OCDBT or not); names are the tree paths joined with `.`.
 - Hugging Face safetensors (one file, a dir with `model.safetensors`, or sharded with
   `model.safetensors.index.json`): the header is parsed here (bf16 via ml_dtypes; `safetensors.numpy` refuses
@@ -23,6 +24,7 @@ import numpy as np
 from etils import epath
 
 from ptm.ckpt import format as ckpt_format
+from ptm.ckpt import mapped as M
 from ptm.ckpt.dtypes import SAFETENSORS
 from ptm.ckpt.format import is_gcs
 from ptm.errors import CheckpointError
@@ -131,7 +133,8 @@ def _reuse_freed_memory() -> None:
     Why: each chunk read allocates fresh 20-64 MB buffers; served as new mmap pages they cost ~4 page faults
     per KiB read (merging 3 uncompressed TinyLlama checkpoints: 2.6M faults, 9 s of system time; with this
     0.4M faults, 3 s). Private memory stays bounded by the peak of live buffers (the held chunks, below), as
-    the heap is reused. Process-wide, set on the first streamed read only; a no-op without glibc."""
+    the heap is reused. Process-wide, set on the first read through tensorstore only (mapped arrays allocate
+    nothing); a no-op without glibc."""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return
@@ -165,7 +168,9 @@ class _Cell:
 class OrbaxStore(InputStore):
     kind = "orbax"
 
-    def __init__(self, path: str | epath.Path):
+    def __init__(self, path: str | epath.Path, *, mapped: bool = True):
+        """`mapped`: serve uncompressed local arrays as views of the mapped files (`ptm.ckpt.mapped`); False
+        reads everything through tensorstore (the reference the mapped reader is tested against)."""
         ck = ckpt_format.resolve(path)
         self.path, self.meta, self.params_path = str(path), ck.meta, ck.params_path
         mfile = ck.params_path / "_METADATA"
@@ -192,6 +197,8 @@ class OrbaxStore(InputStore):
         self._cells: OrderedDict[tuple[str, tuple[int, ...]], tuple[_TsRead, int]] = OrderedDict()
         self._order: list[str] = []
         self._chunk_of: dict[str, tuple[int, ...]] = {}
+        self._map = mapped and not is_gcs(str(ck.params_path))
+        self._mapped: dict[str, M.MappedArray] = {}
 
     def _spec(self, name: str, strict: bool) -> dict[str, Any]:
         base = kvstore_url(self.params_path)
@@ -232,10 +239,21 @@ class OrbaxStore(InputStore):
             self._ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
             self._handles = {}
             self._order = list(self._infos)
+            zarr_md = {}
             for n in self._order:
-                c = self._handle(n).chunk_layout.read_chunk.shape
+                h = self._handle(n)
+                c = h.chunk_layout.read_chunk.shape
                 self._chunk_of[n] = tuple(int(x) for x in c) if c is not None else self._infos[n].shape
+                if self._map:
+                    zarr_md[n] = (h.spec().to_json().get("metadata", {}), self._infos[n].dtype, self._infos[n].shape)
+            if zarr_md:
+                self._mapped = M.open_arrays(str(self.params_path), self._ocdbt, zarr_md)
         return self._infos
+
+    def mapped(self) -> list[str]:
+        """The tensors served from mapped files (the rest are read through tensorstore)."""
+        self.tensors()
+        return sorted(self._mapped)
 
     def _cell_of(self, name: str, index: Index) -> tuple[tuple[int, ...], Index] | None:
         """The chunk-grid cell holding all of `index` and the index inside it, or None if it spans cells."""
@@ -294,6 +312,11 @@ class OrbaxStore(InputStore):
     def read_async(self, name: str, index: Index):
         if self._infos is None:
             self.tensors()
+        m = self._mapped.get(name)
+        if m is not None:
+            arr = m.read(_full_index(index, self._infos[name].shape))
+            if arr is not None:
+                return _Done(arr)
         _reuse_freed_memory()
         at = self._cell_of(name, index)
         if at is None:  # spans chunks (a foreign layout): tensorstore assembles it
@@ -302,7 +325,8 @@ class OrbaxStore(InputStore):
         keep = {(name, cell)}
         fut = self._chunk((name, cell))
         nxt = self._next_cell(name, cell)
-        if nxt is not None and self._cells[(name, cell)][1] + self._chunk_bytes(nxt[0]) <= _AHEAD_BYTES:
+        ahead = nxt is not None and nxt[0] not in self._mapped  # a mapped tensor needs no read ahead
+        if ahead and self._cells[(name, cell)][1] + self._chunk_bytes(nxt[0]) <= _AHEAD_BYTES:
             self._chunk(nxt)
             keep.add(nxt)
         self._evict(keep)
