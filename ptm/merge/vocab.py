@@ -111,7 +111,7 @@ def parse_spec(spec: Any, paths: list[str], where: str = "tokenizer") -> Spec:
         raise ConfigError(f"{where}.source must be 'base', 'union' or an input path, got {src!r}")
     src = src.removeprefix("model:")
     if src not in SPECS and src not in paths:
-        raise ConfigError(f"{where}.source {src!r}: give 'base', 'union' or one of the inputs {paths}")
+        raise ConfigError(f"{where}.source {src!r}: give 'base', 'union' or one of the models (inputs) {paths}")
     pad = spec.get("pad_to_multiple_of")
     if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad <= 0):
         raise ConfigError(f"{where}.pad_to_multiple_of must be an integer > 0, got {pad!r}")
