@@ -4,11 +4,11 @@ Supported: `merge_method`, `base_model`, `models` (each `model` with `parameters
 a number, a layer gradient `[a, ..., b]` — non-layer tensors take the first anchor, as in mergekit —, or a list
 of `{filter: substring, value: ...}` conditions with an unfiltered default), top-level `parameters` (t, lambda,
 normalize, rescale, select_topk, nuslerp_flatten, normalize_weights, eps, max_iter, tol, int8_mask), `dtype`,
-`out_dtype`, `tokenizer_source` / `tokenizer: {source: base | <model>}`, `chat_template` (a Jinja string).
-`slices` (frankenmerges: passthrough, or any method over aligned slices — one source per model, equal range
-lengths, parameters given once) and `tokenizer_source: union | base | <model>` (vocabulary surgery, ptm.merge.vocab).
-Anything else (per-slice parameters, gradients across several slices, `filter` with slices, `tokenizer.tokens`,
-pad_to_multiple_of, named chat templates, unknown parameters) is a ConfigError naming it.
+`out_dtype`, `tokenizer_source` or `tokenizer: {source, tokens, pad_to_multiple_of}` (vocabulary surgery,
+ptm.merge.vocab), `chat_template` (a Jinja string), `slices` (frankenmerges: passthrough, or any method over
+aligned slices — one source per model, equal range lengths) with per-slice weights (source- and slice-level
+parameters, gradients within a slice: per-layer schedules). Anything else (per-slice density/epsilon/gamma that
+differ, `filter` with slices, embed_slerp, named chat templates, unknown parameters) is a ConfigError naming it.
 """
 
 from __future__ import annotations

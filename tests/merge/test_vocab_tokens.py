@@ -205,3 +205,13 @@ def test_mergekit_yaml_tokenizer_block(models, tmp_path):
         with pytest.raises(ConfigError, match=msg):
             mergekit_yaml.translate(cfg, out=str(tmp_path / "z"))
     assert not (tmp_path / "z").exists()
+
+
+def test_example_config_parses():
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "../../configs/merges")
+    (r,) = mergekit_yaml.load(f"{root}/mergekit_chatml_tokens_padded.yml", out="o")
+    assert r.tokenizer["pad_to_multiple_of"] == 64 and r.tokenizer["tokens"]["<|pad|>"]["force"] is True
+    assert r.output_format == "safetensors" and r.weights[1]["layers"] == [0.3] * 11 + [0.6] * 11
+    assert r.overrides == [{"pattern": "re:embed", "weights": [1.0, 0.3]}]
