@@ -5,6 +5,7 @@ naming the key, token or model, before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -208,10 +209,38 @@ def test_mergekit_yaml_tokenizer_block(models, tmp_path):
 
 
 def test_example_config_parses():
-    import os
-
     root = os.path.join(os.path.dirname(__file__), "../../configs/merges")
     (r,) = mergekit_yaml.load(f"{root}/mergekit_chatml_tokens_padded.yml", out="o")
     assert r.tokenizer["pad_to_multiple_of"] == 64 and r.tokenizer["tokens"]["<|pad|>"]["force"] is True
     assert r.output_format == "safetensors" and r.weights[1]["layers"] == [0.3] * 11 + [0.6] * 11
     assert r.overrides == [{"pattern": "re:embed", "weights": [1.0, 0.3]}]
+
+
+def test_padded_bf16_output_loads_in_transformers(tmp_path):
+    """A bf16, sharded, padded output (40 tokens -> 64 rows): transformers loads it and its logits equal a direct
+    load of the same tensors; each padding row is the bf16 rounding of the float32 mean of the model's rows."""
+    from safetensors.torch import load_file
+
+    from tests.merge.test_hf_output import _tiny
+
+    base, other = _tiny(tmp_path / "base", 0), _tiny(tmp_path / "other", 1)
+    out = str(tmp_path / "out")
+    engine.merge(Recipe("linear", {"models": [base, other]}, weights=[1.0, 0.0], out=out, shard_bytes=20_000,
+                        tokenizer={"source": "base", "pad_to_multiple_of": 64}), progress=False, summary=False)
+    assert json.load(open(f"{out}/config.json"))["vocab_size"] == 64 and len(_vocab(out)) == 40
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    direct = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(out)).to(torch.bfloat16)
+    shards = [f for f in sorted(os.listdir(out)) if f.startswith("model-")]
+    sd = {k: v for f in shards for k, v in load_file(f"{out}/{f}").items()}
+    direct.load_state_dict(sd, strict=False)
+    ids = torch.tensor([[1, 5, 7, 39]])
+    with torch.no_grad():
+        a, b = model(ids).logits, direct(ids).logits
+    assert a.shape[-1] == 64 and torch.equal(a, b)
+    src = load_file(f"{base}/model.safetensors")
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(sd[n][:40], src[n])
+        want = src[n].float().mean(0).to(torch.bfloat16)
+        assert torch.equal(sd[n][40:], want.expand(24, -1)), n
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "w3"}], tokenize=False) == "w3 "
