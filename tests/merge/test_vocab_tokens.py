@@ -244,3 +244,25 @@ def test_padded_bf16_output_loads_in_transformers(tmp_path):
         assert torch.equal(sd[n][40:], want.expand(24, -1)), n
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.apply_chat_template([{"role": "user", "content": "w3"}], tokenize=False) == "w3 "
+
+
+def test_cli_and_toml_recipes(models, tmp_path, capsys):
+    """`ptm merge x.yml` with a bad tokenizer block exits non-zero naming the token, writing nothing; a ptm recipe
+    takes the same mapping."""
+    import yaml
+
+    from ptm import cli
+
+    m = models
+    cfg = {"merge_method": "task_arithmetic", "base_model": m["base"],
+           "models": [{"model": m["chat"], "parameters": {"weight": 0.5}}],
+           "tokenizer": {"source": "base", "tokens": {"<|im_end|>": {"source": m["base"]}}}}
+    p = tmp_path / "bad.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["merge", str(p), "--out", str(tmp_path / "o")]) != 0
+    assert "'<|im_end|>' is not in the tokenizer of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    (r,) = from_dict({"method": "linear", "inputs": {"models": [m["base"], m["chat"]]}, "out": str(tmp_path / "t"),
+                      "tokenizer": {"source": "base", "pad_to_multiple_of": 12}})
+    engine.merge(r, progress=False, summary=False)
+    assert stores.open_store(str(tmp_path / "t")).tensors()["model.embed_tokens.weight"].shape[0] == 36
