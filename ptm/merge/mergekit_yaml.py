@@ -381,8 +381,10 @@ def _slice_weights(r: Recipe, raw: list[dict[str, Any]], sl: list[list[dict[str,
     positions: list[int | None] = list(weighted) if layout != "pair" else [None]
     specs = [[s if (s := resolve(i, p, weight_key)) is not None else default for p in positions]
              for i in range(len(rows))]
+    scalar = layout == "pair" or weight_key == "scale"
     if all(sp == specs[0] for sp in specs) and (len(rows) == 1 or not any(isinstance(v, dict) for v in specs[0])):
-        return  # the same in every slice: the model-level weights already say it
+        r.weights = specs[0][0] if scalar else specs[0]  # the same in every slice: model-level weights
+        return
     lens = [rows[i][0]["layer_range"][1] - rows[i][0]["layer_range"][0] for i in range(len(rows))]
 
     def first(v: Any) -> float:
@@ -391,7 +393,6 @@ def _slice_weights(r: Recipe, raw: list[dict[str, Any]], sl: list[list[dict[str,
     sched = [{"layers": [x for i, n in enumerate(lens) for x in _per_layer(specs[i][q], n)],
               "default": first(specs[-1][q])} for q in range(len(positions))]
     emb = [first(specs[0][q]) for q in range(len(positions))]
-    scalar = layout == "pair" or weight_key == "scale"
     r.weights = sched[0] if scalar else sched
     r.overrides = [{"pattern": SL.EMBED_PATTERN, "weights": emb[0] if scalar else emb}]
 

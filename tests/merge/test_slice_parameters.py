@@ -38,6 +38,9 @@ def test_translation_to_layer_schedules():
         {"sources": [_src("b", 0, 2), _src("x", 0, 2)], "parameters": {"t": [0.0, 1.0]}},
         {"sources": [_src("b", 2, 3), _src("x", 2, 3)], "parameters": {"t": 0.2}}]})
     assert r.weights == {"layers": [0.0, 1.0, 0.2], "default": 0.2} and r.overrides[0]["weights"] == 0.0
+    (r,) = mergekit_yaml.translate({"merge_method": "slerp", "base_model": "b", "parameters": {"t": 0.9}, "slices": [
+        {"sources": [_src("b", 0, 2), _src("x", 0, 2)], "parameters": {"t": [0.1, 0.3]}}]})
+    assert r.weights == {"anchors": [0.1, 0.3], "default": 0.1} and r.overrides == []  # one slice: its own t
 
 
 def test_what_stays_refused_names_the_key():
