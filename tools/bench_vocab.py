@@ -1,7 +1,8 @@
 """What vocabulary surgery costs (not a test): three inputs with TinyLlama's embedding and LM head (32000 x 2048,
 bf16, HF names, safetensors), one of them with 2 added tokens (32002 rows) and one with permuted token ids,
 merged by task arithmetic with `tokenizer = "union"`, against the same merge of three same-vocabulary inputs
-without surgery. Prints wall seconds and peak RSS of each (fresh subprocesses).
+without surgery, and the union with mergekit's `tokens` overrides (a forced row, a zero row, an added token) and
+`pad_to_multiple_of = 64`. Prints wall seconds and peak RSS of each (fresh subprocesses).
 
     python tools/bench_vocab.py --dir /tmp/ptm-vocab-bench [--keep]
 """
@@ -52,11 +53,13 @@ import resource, time, json
 from ptm.merge import engine
 from ptm.merge.recipe import Recipe
 d = {d!r}
-surgery = {case == "union"!r}
-names = ["b", "c", "p"] if surgery else ["b", "b2", "b3"]
+case = {case!r}
+names = ["b", "c", "p"] if case != "plain" else ["b", "b2", "b3"]
+tok = {{"plain": None, "union": "union", "tokens+pad": {{"source": "union", "pad_to_multiple_of": 64, "tokens": {{
+    "t5": {{"source": f"{{d}}/c", "force": True}}, "<|im_end|>": {{"source": {{"kind": "zero"}}}},
+    "<new>": {{"source": {{"kind": "model_token", "model": f"{{d}}/p", "token": "t7"}}}}}}}}}}[case]
 r = Recipe("task_arithmetic", {{"pre": f"{{d}}/{{names[0]}}", "skills": [f"{{d}}/{{n}}" for n in names[1:]]}},
-           weights=[0.5, 0.3], out=f"{{d}}/out-{case}", tokenizer="union" if surgery else None,
-           output_format="safetensors")
+           weights=[0.5, 0.3], out=f"{{d}}/out-{case}", tokenizer=tok, output_format="safetensors")
 t0 = time.perf_counter()
 engine.merge(r, progress=False, summary=False)
 print(json.dumps({{"wall_s": time.perf_counter() - t0,
@@ -79,10 +82,10 @@ def main() -> None:
         if not os.path.exists(f"{a.dir}/{name}/model.safetensors"):
             _model(f"{a.dir}/{name}", seed, w, added)
     print(f"inputs ready in {time.perf_counter() - t0:.1f} s ({VOCAB} x {HIDDEN} bf16 embedding + head each)")
-    for case in ("plain", "union"):
+    for case in ("plain", "union", "tokens+pad"):
         shutil.rmtree(f"{a.dir}/out-{case}", ignore_errors=True)
         r = _run(a.dir, case)
-        print(f"{case:6s}: wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"{case:10s}: wall {r['wall_s']:.2f} s, peak RSS {r['peak_rss_mib']:.0f} MiB")
     if not a.keep:
         shutil.rmtree(a.dir, ignore_errors=True)
 

@@ -523,6 +523,9 @@ def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, me
     for j in plan.jobs:
         fmt = j.recipe.output_format or plan.stores[0].kind
         infos = [S.TensorInfo(n, i.shape, j.out_dtypes[n]) for n, i in plan.infos.items()]
+        if fmt == "orbax" and hf_output.writes_tokenizer(plan.stores):
+            raise MergeError(f"{j.recipe.out}: the tokenizer spec adds tokens (a union or listed tokens), which only "
+                             "a safetensors (HF) output holds: set output_format = 'safetensors'")
         if fmt == "orbax":
             keys = {n: keys_src.keys(n) for n in plan.infos} if keys_src else {}
             j.writer = W.OrbaxWriter(j.recipe.out, infos, chunks, {k: v for k, v in keys.items() if v}, overwrite,

@@ -42,6 +42,18 @@ def source_dir(recipe: Any) -> str | None:
     return None
 
 
+def surgery(stores: list[Any] | None) -> Any:
+    """The vocabulary surgery (ptm.merge.vocab.Surgery) the inputs are seen through, or None."""
+    return next((s.surgery for s in stores or [] if getattr(s, "surgery", None) is not None), None)
+
+
+def writes_tokenizer(stores: list[Any] | None) -> bool:
+    """Whether the output needs a new tokenizer (a union, or added tokens): only an HF (safetensors) output holds
+    one; an Orbax output records an existing tokenizer's path."""
+    s = surgery(stores)
+    return s is not None and s.files is not None
+
+
 def _read(d: str, names: tuple[str, ...]) -> dict[str, bytes]:
     out = {}
     for f in names:
@@ -61,12 +73,12 @@ def extra_files(recipe: Any, out_dtype: np.dtype | None, infos: dict[str, Any] |
     src = source_dir(recipe)
     if src is not None:
         out.update(_read(src, HF_FILES))
-    surgery = next((s.surgery for s in stores or [] if getattr(s, "surgery", None) is not None), None)
-    if surgery is not None:
+    sg = surgery(stores)
+    if sg is not None:
         tok_files = [f for f in TOKENIZER_FILES if f not in ("generation_config.json", "chat_template.jinja")]
         for f in tok_files:
             out.pop(f, None)
-        out.update(surgery.files if surgery.files is not None else _read(surgery.tokenizer_dir, tuple(tok_files)))
+        out.update(sg.files if sg.files is not None else _read(sg.tokenizer_dir, tuple(tok_files)))
     if "config.json" in out:
         cfg: dict[str, Any] = json.loads(out["config.json"])
         name = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(

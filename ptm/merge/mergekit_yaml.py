@@ -4,11 +4,11 @@ Supported: `merge_method`, `base_model`, `models` (each `model` with `parameters
 a number, a layer gradient `[a, ..., b]` — non-layer tensors take the first anchor, as in mergekit —, or a list
 of `{filter: substring, value: ...}` conditions with an unfiltered default), top-level `parameters` (t, lambda,
 normalize, rescale, select_topk, nuslerp_flatten, normalize_weights, eps, max_iter, tol, int8_mask), `dtype`,
-`out_dtype`, `tokenizer_source` / `tokenizer: {source: base | <model>}`, `chat_template` (a Jinja string).
-`slices` (frankenmerges: passthrough, or any method over aligned slices — one source per model, equal range
-lengths, parameters given once) and `tokenizer_source: union | base | <model>` (vocabulary surgery, ptm.merge.vocab).
-Anything else (per-slice parameters, gradients across several slices, `filter` with slices, `tokenizer.tokens`,
-pad_to_multiple_of, named chat templates, unknown parameters) is a ConfigError naming it.
+`out_dtype`, `tokenizer_source` or `tokenizer: {source, tokens, pad_to_multiple_of}` (vocabulary surgery,
+ptm.merge.vocab), `chat_template` (a Jinja string), `slices` (frankenmerges: passthrough, or any method over
+aligned slices — one source per model, equal range lengths) with per-slice weights (source- and slice-level
+parameters, gradients within a slice: per-layer schedules). Anything else (per-slice density/epsilon/gamma that
+differ, `filter` with slices, embed_slerp, named chat templates, unknown parameters) is a ConfigError naming it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import re
 import warnings
 from typing import Any
 
+import numpy as np
+
 from ptm.errors import ConfigError
+from ptm.merge import slices as SL
 from ptm.merge.recipe import Recipe
 
 # mergekit method -> (ptm method, input layout)
@@ -108,7 +111,7 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
     method, layout = METHODS[mm]
     base = _model(cfg["base_model"], f"{where}: base_model") if cfg.get("base_model") else None
     sl = _slices(cfg, where) if "slices" in cfg else None
-    entries = [{k: v for k, v in e.items() if k != "layer_range"} for e in sl[0]] if sl else (cfg.get("models") or [])
+    entries = [_slice_entry(e, cfg["slices"][0], base, where) for e in sl[0]] if sl else (cfg.get("models") or [])
     models, params = [], []
     for i, e in enumerate(entries):
         p = _model(e, f"{where}: models[{i}]")
@@ -215,38 +218,48 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
                         "weights": weights_for(ns[0])} for key, ns in groups.items() if key != default]
     if sl is not None:
         r.slices = _recipe_slices(sl, r.input_paths(), base, where)
-        ws = r.weights if isinstance(r.weights, list) else [r.weights]
-        if len(sl) > 1 and any(isinstance(w, dict) for w in ws):
-            raise ConfigError(f"{where}: a gradient parameter with several slices is not supported by ptm yet "
-                              "(mergekit interpolates it within each slice)")
+        if method not in ("model_stock", "sce"):
+            _slice_weights(r, cfg["slices"], sl, base, layout, weight_key, gconds, where)
     dt, odt = cfg.get("dtype"), cfg.get("out_dtype")
     for k, v in (("dtype", dt), ("out_dtype", odt)):
         if v is not None and v not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: {k} {v!r} is not supported (float32, bfloat16, float16)")
     # ptm computes in float32 always; mergekit writes `dtype` unless out_dtype is given.
     r.output_dtype = odt or dt
-    tok = cfg.get("tokenizer_source")
-    if isinstance(cfg.get("tokenizer"), dict):
-        bad = set(cfg["tokenizer"]) - {"source"}  # `tokens` (per-token sources), pad_to_multiple_of: not yet
-        if bad:
-            raise ConfigError(f"{where}: tokenizer: unsupported key(s) {sorted(bad)}")
-        tok = cfg["tokenizer"].get("source")
-    elif cfg.get("tokenizer") is not None:
-        raise ConfigError(f"{where}: tokenizer must be a mapping {{source: ...}}")
-    if tok is not None:
-        if isinstance(tok, dict) or not isinstance(tok, str):
-            raise ConfigError(f"{where}: tokenizer source {tok!r} is not supported (base, union or a model path)")
-        tok = tok.removeprefix("model:")
-        if tok not in ("base", "union") and tok not in r.input_paths():
-            raise ConfigError(f"{where}: tokenizer source {tok!r} must be base, union or one of the models")
-        r.tokenizer = tok
-        r.output_format = r.output_format or ("safetensors" if tok == "union" else None)
+    _tokenizer(cfg, r, where)
     ct = cfg.get("chat_template")
     if ct is not None:
         if not isinstance(ct, str) or "{" not in ct:
             raise ConfigError(f"{where}: chat_template {ct!r}: only a literal Jinja template is supported")
         r.chat_template = ct
     return [r]
+
+
+def _tokenizer(cfg: dict[str, Any], r: Recipe, where: str) -> None:
+    """`tokenizer_source` (legacy) or the `tokenizer:` block (source, default union; tokens; pad_to_multiple_of)
+    -> r.tokenizer (a source string, or the block for ptm.merge.vocab); outputs that need a new tokenizer
+    (union, listed tokens) are safetensors."""
+    from ptm.merge import vocab
+
+    legacy, block = cfg.get("tokenizer_source"), cfg.get("tokenizer")
+    if legacy is not None and block is not None:
+        raise ConfigError(f"{where}: give tokenizer or tokenizer_source, not both (as in mergekit)")
+    if legacy is None and block is None:
+        return
+    if block is not None and not isinstance(block, dict):
+        raise ConfigError(f"{where}: tokenizer must be a mapping {{source, tokens, pad_to_multiple_of}}")
+    spec = {"source": legacy} if legacy is not None else {"source": "union", **block}
+    if not isinstance(spec["source"], str):
+        raise ConfigError(f"{where}: tokenizer source {spec['source']!r} is not supported (base, union or a model "
+                          "path)")
+    sp = vocab.parse_spec(spec, r.input_paths(), f"{where}: tokenizer")
+    if not sp.tokens and sp.pad_to_multiple_of is None:
+        r.tokenizer = sp.source
+    else:
+        r.tokenizer = {"source": sp.source, **({"tokens": block["tokens"]} if sp.tokens else {}),
+                       **({"pad_to_multiple_of": sp.pad_to_multiple_of} if sp.pad_to_multiple_of else {})}
+    if sp.source == "union" or sp.tokens:
+        r.output_format = r.output_format or "safetensors"
 
 
 def _slices(cfg: dict[str, Any], where: str) -> list[list[dict[str, Any]]]:
@@ -258,8 +271,11 @@ def _slices(cfg: dict[str, Any], where: str) -> list[list[dict[str, Any]]]:
         raise ConfigError(f"{where}: slices must be a non-empty list")
     out = []
     for i, s in enumerate(sl):
-        if not isinstance(s, dict) or set(s) != {"sources"} or not isinstance(s["sources"], list) or not s["sources"]:
-            raise ConfigError(f"{where}: slices[{i}] must be {{sources: [...]}} (got {s!r})")
+        if not isinstance(s, dict) or "sources" not in s or set(s) - {"sources", "parameters"} or not isinstance(
+                s["sources"], list) or not s["sources"]:
+            raise ConfigError(f"{where}: slices[{i}] must be {{sources: [...], parameters: {{...}}}} (got {s!r})")
+        if not isinstance(s.get("parameters") or {}, dict):
+            raise ConfigError(f"{where}: slices[{i}].parameters must be a mapping")
         for k, src in enumerate(s["sources"]):
             if not isinstance(src, dict) or "model" not in src or "layer_range" not in src or (
                     set(src) - {"model", "layer_range", "parameters"}):
@@ -268,16 +284,13 @@ def _slices(cfg: dict[str, Any], where: str) -> list[list[dict[str, Any]]]:
         if i and len(s["sources"]) != len(sl[0]["sources"]):
             raise ConfigError(f"{where}: slices[{i}] has {len(s['sources'])} sources, slices[0] has "
                               f"{len(sl[0]['sources'])}: ptm merges aligned slices (one source per model)")
-        if i and [src.get("parameters") for src in s["sources"]] != [src.get("parameters") for src in sl[0]["sources"]]:
-            raise ConfigError(f"{where}: slices[{i}]: per-slice parameters that differ from slices[0]'s are not "
-                              "supported by ptm yet (give them once, in slices[0] or globally)")
         out.append(s["sources"])
     return out
 
 
-def _recipe_slices(sl: list[list[dict[str, Any]]], inputs: list[str], base: str | None, where: str
-                   ) -> list[dict[str, Any]]:
-    """ptm recipe slices: per slice one source per recipe input (the base_model's source at the base's position,
+def _slice_rows(sl: list[list[dict[str, Any]]], inputs: list[str], base: str | None, where: str
+                ) -> list[list[dict[str, Any]]]:
+    """Per slice, the mergekit source dict of each recipe input (the base_model's source at the base's position,
     the other sources in order at the other positions)."""
     out = []
     for i, srcs in enumerate(sl):
@@ -288,14 +301,100 @@ def _recipe_slices(sl: list[list[dict[str, Any]]], inputs: list[str], base: str 
             if base is not None and p == base:
                 if not at_base:
                     raise ConfigError(f"{where}: slices[{i}] has no source from base_model {base!r}")
-                s = at_base[0]
+                row.append(at_base[0])
             else:
                 if not rest:
                     raise ConfigError(f"{where}: slices[{i}] has fewer sources than slices[0]")
-                s = rest.pop(0)
-            row.append({"model": _model(s["model"], where), "layer_range": [int(v) for v in s["layer_range"]]})
-        out.append({"sources": row})
+                row.append(rest.pop(0))
+        out.append(row)
     return out
+
+
+def _recipe_slices(sl: list[list[dict[str, Any]]], inputs: list[str], base: str | None, where: str
+                   ) -> list[dict[str, Any]]:
+    """ptm recipe slices: per slice one source per recipe input (see _slice_rows)."""
+    return [{"sources": [{"model": _model(s["model"], where), "layer_range": [int(v) for v in s["layer_range"]]}
+                         for s in row]} for row in _slice_rows(sl, inputs, base, where)]
+
+
+def _slice_entry(src: dict[str, Any], sl_cfg: dict[str, Any], base: str | None, where: str) -> dict[str, Any]:
+    """slices[0]'s source as a `models` entry: its parameters over the slice's own (mergekit's precedence: source,
+    then slice, then global); a slice-level weight is not given to the base model, which it does not weigh."""
+    slice_ps = {k: v for k, v in (sl_cfg.get("parameters") or {}).items() if k in PER_MODEL}
+    if base is not None and _model(src["model"], where) == base:
+        slice_ps.pop("weight", None)
+    ps = {**slice_ps, **(src.get("parameters") or {})}
+    return {"model": src["model"], **({"parameters": ps} if ps else {})}
+
+
+def _per_layer(spec: Any, n: int) -> list[float]:
+    """A weight spec (number or {anchors}) over a slice's n layers: mergekit interpolates a gradient within each
+    slice (measured: [0, 1] over 3 layers gives 0, 0.5, 1)."""
+    if not isinstance(spec, dict):
+        return [float(spec)] * n
+    a = np.asarray(spec["anchors"], np.float64)
+    if a.size == 1 or n == 1:
+        return [float(a[0])] * n
+    return [float(v) for v in np.interp(np.linspace(0, 1, n), np.linspace(0, 1, a.size), a)]
+
+
+def _slice_weights(r: Recipe, raw: list[dict[str, Any]], sl: list[list[dict[str, Any]]], base: str | None,
+                   layout: str, weight_key: str, gconds: dict[str, Any], where: str) -> None:
+    """Per-slice parameters (`slices[i].parameters`, `slices[i].sources[j].parameters`): the weights become
+    per-layer schedules over the output's layers, each slice's layers taking that slice's value (a gradient
+    interpolated within the slice); the embedding takes the first slice's value and every other non-layer tensor
+    the last slice's (mergekit, measured). Other parameters (density, ...) must be the same in every slice."""
+    inputs = r.input_paths()
+    rows = _slice_rows(sl, inputs, base, where)
+    weighted = [p for p, path in enumerate(inputs) if layout == "models" or path != base] if layout != "pair" else []
+
+    def resolve(i: int, p: int | None, k: str) -> Any:
+        src_ps = (rows[i][p].get("parameters") or {}) if p is not None else {}
+        slice_ps = raw[i].get("parameters") or {}
+        at = f"{where}: slices[{i}]" + (f" ({_model(rows[i][p]['model'], where)})" if p is not None else "")
+        if k in src_ps:
+            return _value(src_ps[k], f"{at}.parameters.{k}")
+        if k in slice_ps and not (k == "weight" and p is not None and inputs[p] == base and layout != "models"):
+            return _value(slice_ps[k], f"{at}.parameters.{k}")
+        c = gconds.get(k)
+        return next((v for f, v in c if f is None), None) if c else None
+
+    for i, row in enumerate(rows):
+        for k, v in (raw[i].get("parameters") or {}).items():
+            if k not in PER_MODEL and k != weight_key:
+                raise ConfigError(f"{where}: slices[{i}].parameters: unsupported parameter {k!r}")
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                raise ConfigError(f"{where}: slices[{i}].parameters.{k}: `filter` conditions together with "
+                                  "`slices` are not supported by ptm yet")
+        for p, src in enumerate(row):
+            for k, v in (src.get("parameters") or {}).items():
+                if k not in PER_MODEL:
+                    raise ConfigError(f"{where}: slices[{i}].sources: unsupported parameter {k!r}")
+                if isinstance(v, list) and v and isinstance(v[0], dict):
+                    raise ConfigError(f"{where}: slices[{i}].sources parameter {k}: `filter` conditions together "
+                                      "with `slices` are not supported by ptm yet")
+            for k in PER_MODEL - {"weight", weight_key}:
+                if i and resolve(i, p, k) != resolve(0, p, k):
+                    raise ConfigError(f"{where}: slices[{i}]: parameter {k!r} of {_model(src['model'], where)} "
+                                      "differs from slices[0]'s; ptm takes per-slice weights only (give it once)")
+    default = 1.0 if weight_key != "t" else 0.5
+    positions: list[int | None] = list(weighted) if layout != "pair" else [None]
+    specs = [[s if (s := resolve(i, p, weight_key)) is not None else default for p in positions]
+             for i in range(len(rows))]
+    scalar = layout == "pair" or weight_key == "scale"
+    if all(sp == specs[0] for sp in specs) and (len(rows) == 1 or not any(isinstance(v, dict) for v in specs[0])):
+        r.weights = specs[0][0] if scalar else specs[0]  # the same in every slice: model-level weights
+        return
+    lens = [rows[i][0]["layer_range"][1] - rows[i][0]["layer_range"][0] for i in range(len(rows))]
+
+    def first(v: Any) -> float:
+        return float(v["anchors"][0]) if isinstance(v, dict) else float(v)
+
+    sched = [{"layers": [x for i, n in enumerate(lens) for x in _per_layer(specs[i][q], n)],
+              "default": first(specs[-1][q])} for q in range(len(positions))]
+    emb = [first(specs[0][q]) for q in range(len(positions))]
+    r.weights = sched[0] if scalar else sched
+    r.overrides = [{"pattern": SL.EMBED_PATTERN, "weights": emb[0] if scalar else emb}]
 
 
 def load(path: str, out: str | None = None) -> list[Recipe]:

@@ -72,7 +72,7 @@ class Recipe:
     chat_template: str | None = None  # safetensors output: a Jinja chat template written as chat_template.jinja
     shard_bytes: int | None = None  # safetensors output: HF shards of at most this many bytes (+ index)
     slices: list[dict[str, Any]] | None = None  # frankenmerge: output layers from input layer ranges (merge.slices)
-    tokenizer: str | None = None  # "base" | "union" | an input path: vocabulary surgery (merge.vocab)
+    tokenizer: Any = None  # "base" | "union" | an input path, or {source, tokens, pad_to_multiple_of} (merge.vocab)
 
     def input_paths(self) -> list[str]:
         """All input paths in a fixed role order (what the engine opens and reads)."""
@@ -167,8 +167,10 @@ def from_dict(d: dict[str, Any], where: str = "recipe") -> list[Recipe]:
         from ptm.merge import slices
 
         slices.parse(base.slices, len(base.input_paths()), base.input_paths(), where)
-    if base.tokenizer is not None and not isinstance(base.tokenizer, str):
-        raise ConfigError(f"{where}: tokenizer must be 'base', 'union' or an input path, got {base.tokenizer!r}")
+    if base.tokenizer is not None:
+        from ptm.merge import vocab
+
+        vocab.parse_spec(base.tokenizer, base.input_paths(), f"{where}: tokenizer")
     if "sweep" not in d:
         if "outs" in d:
             raise ConfigError(f"{where}: `outs` is only for sweeps; use `out`")

@@ -22,6 +22,7 @@ from ptm.ckpt import tree
 from ptm.errors import ConfigError, MergeError
 
 _LAYER = re.compile(r"((?:^|\.)layers\.)(\d+)(\.)")
+EMBED_PATTERN = "re:embed"  # the non-layer tensors taken from the first slice (recipe.match pattern)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _layer_count(st: S.InputStore) -> int:
 
 
 def _is_embedding(name: str) -> bool:
-    return "embed" in name
+    return re.search(EMBED_PATTERN[3:], name) is not None
 
 
 class LayerStack(S.InputStore):

@@ -31,13 +31,13 @@ def test_translate_and_errors():
     for bad, key in [({"merge_method": "ties", "slices": []}, "slices"), ({"merge_method": "x"}, "x"),
                      ({"merge_method": "linear", "models": ["a"], "foo": 1}, "foo"),
                      ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"bar": 1}}]}, "bar"),
-                     ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union", "tokens": {}}},
-                      "tokens"),
+                     ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "union", "tokens": {
+                         "<x>": {"source": "z"}}}}, "'z' is not one of the inputs"),
                      ({"merge_method": "linear", "models": ["a"], "tokenizer_source": "c"}, "one of the models"),
                      ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}]},
                                                             {"sources": [{"model": "a", "layer_range": [1, 2],
-                                                                          "parameters": {"weight": 2}}]}]},
-                      "per-slice parameters"),
+                                                                          "parameters": {"density": 2}}]}]},
+                      "'density' of a differs"),
                      ({"merge_method": "linear", "models": ["a"], "slices": []}, "not both"),
                      ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1],
                                                                           "parameters": {"weight": [
@@ -225,6 +225,63 @@ def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
         if name.startswith("tokenizer"):
             assert _vocab(tmp_path / f"mk_{name}") == _vocab(tmp_path / f"ptm_{name}")
 
+
+@pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
+def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path):
+    """mergekit's `tokenizer:` block (tokens from a model, zero, model_token, force, added tokens;
+    pad_to_multiple_of, whose padding rows mergekit fills per input before merging: slerp shows it) and per-slice
+    parameters (source- and slice-level, gradients within slices): the same tensors and vocabulary as mergekit
+    0.1.5, within 1e-6 (float32)."""
+    pytest.importorskip("transformers")
+    from ptm.ckpt import stores
+    from tests.merge.test_vocab import WORDS, _hf, _vocab
+
+    base = _hf(tmp_path / "base", 0, WORDS)
+    chat = _hf(tmp_path / "chat", 1, WORDS, ["<|im_start|>", "<|im_end|>"])
+    perm = _hf(tmp_path / "perm", 2, WORDS[::-1], ["<|im_start|>"], rows=40)
+    d0, d1, d2 = (_deep(tmp_path / f"d{i}", i, base) for i in range(3))
+
+    def src(m, a, b, p=None):
+        return {"model": m, "layer_range": [a, b], **({"parameters": p} if p else {})}
+
+    tokens = {"<|im_start|>": {"source": chat}, "w6": {"source": perm, "force": True},
+              "<|im_end|>": {"source": {"kind": "zero"}},
+              "w9": {"source": {"kind": "model_token", "model": chat, "token": "w8"}, "force": True},
+              "<zz>": {"source": {"kind": "model_token", "model": base, "token": "w1"}},
+              "<aa>": {"source": {"kind": "model_token", "model": perm, "token_id": 3}}}
+    cfgs = {
+        "tokens_pad": {"merge_method": "task_arithmetic", "base_model": base,
+                       "tokenizer": {"source": "union", "tokens": tokens, "pad_to_multiple_of": 16},
+                       "models": [{"model": chat, "parameters": {"weight": 0.5}},
+                                  {"model": perm, "parameters": {"weight": 0.25}}]},
+        "slerp_pad": {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.3},
+                      "tokenizer": {"source": "base", "pad_to_multiple_of": 5,
+                                    "tokens": {"w3": {"source": chat, "force": True}}},
+                      "models": [{"model": base}, {"model": chat}]},
+        "slice_parameters": {"merge_method": "task_arithmetic", "base_model": d0, "parameters": {"weight": 0.1},
+                             "slices": [
+            {"sources": [src(d0, 0, 3), src(d1, 0, 3, {"weight": [0.0, 1.0]}), src(d2, 0, 3)],
+             "parameters": {"weight": 0.7}},
+            {"sources": [src(d0, 1, 3), src(d1, 1, 3, {"weight": 0.5}), src(d2, 1, 3, {"weight": [1.0, 0.2]})]}]},
+        "slerp_slice_t": {"merge_method": "slerp", "base_model": d0, "parameters": {"t": 0.9}, "slices": [
+            {"sources": [src(d0, 0, 2), src(d1, 0, 2)], "parameters": {"t": [0.1, 0.6]}},
+            {"sources": [src(d0, 1, 3), src(d1, 1, 3)], "parameters": {"t": 0.3}}]},
+    }
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    for name, cfg in cfgs.items():
+        p = tmp_path / f"{name}.yml"
+        p.write_text(yaml.safe_dump({"dtype": "float32", **cfg}, sort_keys=False))
+        res = subprocess.run([MK, str(p), str(tmp_path / f"mk_{name}"), "--allow-crimes"], capture_output=True,
+                             text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        engine.merge(mergekit_yaml.load(str(p), out=str(tmp_path / f"ptm_{name}")), progress=False, summary=False)
+        a, b = stores.open_store(str(tmp_path / f"mk_{name}")), stores.open_store(str(tmp_path / f"ptm_{name}"))
+        assert set(a.tensors()) == set(b.tensors()), name
+        for n in a.tensors():
+            x, y = a.read(n, ()).astype(np.float32), b.read(n, ()).astype(np.float32)
+            assert x.shape == y.shape and np.abs(x - y).max() <= 1e-6, (name, n)
+        if name.startswith(("tokens", "slerp_pad")):
+            assert _vocab(tmp_path / f"mk_{name}") == _vocab(tmp_path / f"ptm_{name}")
 
 
 def _same_distribution(name, dx: np.ndarray, dy: np.ndarray) -> None:
