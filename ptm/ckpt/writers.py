@@ -42,6 +42,33 @@ def chunk_shape(shard: Sequence[int], itemsize: int, target_bytes: int) -> tuple
     return tuple(max(c, 1) for c in chunk)
 
 
+
+MIN_RUN_BYTES = 64 << 10  # below this (with more than MAX_SMALL_RUNS runs) a mapped write beats many pwrites
+MAX_SMALL_RUNS = 16
+
+
+def contiguous_runs(shape: Sequence[int], index: Index, itemsize: int = 1) -> tuple[list[int], int] | None:
+    """Where the piece `index` (unit-step slices, C order) of an array of `shape` lies in its row-major bytes:
+    (element offset of each run, elements per run), the runs in the piece's own C order; None when there are more
+    than MAX_SMALL_RUNS runs shorter than MIN_RUN_BYTES (`itemsize` bytes per element)."""
+    n = len(shape)
+    if n == 0:
+        return [0], 1
+    sl = [(s.start or 0, d if s.stop is None else s.stop)
+          for s, d in zip(tuple(index) + (slice(None),) * (n - len(index)), shape, strict=True)]
+    k = max((j for j, (a, b) in enumerate(sl) if (a, b) != (0, shape[j])), default=0)
+    stride = [math.prod(shape[j + 1:]) for j in range(n)]
+    length = (sl[k][1] - sl[k][0]) * stride[k]
+    outer = [range(a, b) for a, b in sl[:k]]
+    count = math.prod(len(r) for r in outer)
+    if count > MAX_SMALL_RUNS and length * itemsize < MIN_RUN_BYTES:
+        return None
+    base = sl[k][0] * stride[k]
+    offsets = [base]
+    for j, r in enumerate(outer):  # expand axis by axis, outer axes first: the piece's C order
+        offsets = [o + i * stride[j] for o in offsets for i in r]
+    return offsets, length
+
 class OutputWriter:
     """Writes one output at `path`, staged where `ptm.ckpt.placement` says."""
 
@@ -220,22 +247,22 @@ class SafetensorsWriter(OutputWriter):
     def _write(self, name: str, index: Index, arr: np.ndarray) -> None:
         info = self._by[name]
         fi, start = self._where[name]
-        shape = info.shape
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        full_rest = all((s.start or 0) == 0 and (s.stop is None or s.stop == d)
-                        for s, d in zip(index[1:], shape[1:], strict=False))
-        if full_rest:  # rows of axis 0: one contiguous byte range, written with pwrite (no dirty mapped pages)
-            r0 = (index[0].start or 0) if shape else 0
-            row = math.prod(shape[1:]) * info.dtype.itemsize
-            data = np.ascontiguousarray(arr, dtype=info.dtype).view(np.uint8).data
-            os.pwrite(self._fds[fi], data, start + r0 * row)
-            self._drop_written(fi, arr.size * info.dtype.itemsize)
+        item = info.dtype.itemsize
+        runs = contiguous_runs(info.shape, index, item)
+        if runs is None:  # many short runs (a piece split along the last axes): one mapped assignment
+            mm = np.memmap(f"{self.work}/{self.files[fi]}.partial", dtype=info.dtype, mode="r+", offset=start,
+                           shape=info.shape)
+            mm[tuple(index)] = arr
+            mm.flush()
+            del mm
             return
-        mm = np.memmap(f"{self.work}/{self.files[fi]}.partial", dtype=info.dtype, mode="r+", offset=start,
-                       shape=shape)
-        mm[index] = arr
-        mm.flush()
-        del mm
+        # Each run is one contiguous byte range of the file, written with pwrite: no mapped pages to fault in and
+        # dirty (a (1, 512, 5632) piece of a stacked layer through np.memmap cost 10x the CPU of one pwrite).
+        offsets, length = runs
+        data = np.ascontiguousarray(arr, dtype=info.dtype).reshape(len(offsets), length).view(np.uint8)
+        for r, off in enumerate(offsets):
+            os.pwrite(self._fds[fi], data[r].data, start + off * item)
+        self._drop_written(fi, arr.size * item)
 
     def _drop_written(self, fi: int, nbytes: int) -> None:
         """Every 256 MiB: flush this output to disk and drop its pages from the page cache. A sweep writes
