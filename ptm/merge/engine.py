@@ -247,6 +247,11 @@ def _flat_index(region: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray
     if not shape:
         return np.zeros((), np.uint64)
     strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    dims = tuple(s.stop - s.start for s in region)
+    first = next((ax for ax, d in enumerate(dims) if d != 1), len(dims) - 1)
+    if dims[first + 1:] == shape[first + 1:]:  # one contiguous run of the flat order: start + arange
+        start = sum(s.start * st for s, st in zip(region, strides, strict=True))
+        return np.arange(start, start + math.prod(dims), dtype=np.uint64).reshape(dims)
     out = np.zeros(tuple(s.stop - s.start for s in region), np.uint64)
     for ax, (s, st) in enumerate(zip(region, strides, strict=True)):
         r = np.arange(s.start, s.stop, dtype=np.uint64) * np.uint64(st)
@@ -393,6 +398,9 @@ class _Combiner:
                     bufs.append(b)
 
                 def flat_index(j0=j0, j1=j1, gshape=gshape, offset=offset) -> np.ndarray:
+                    if gshape and gshape[1:] == info.shape[1:]:  # whole rows: a contiguous run
+                        base = offset[0] * math.prod(info.shape[1:])
+                        return np.arange(base + j0, base + j1, dtype=np.uint64)
                     loc = np.unravel_index(np.arange(j0, j1), gshape) if gshape else ()
                     glob = tuple(c + o for c, o in zip(loc, offset, strict=True))
                     return (
