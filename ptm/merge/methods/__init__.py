@@ -14,7 +14,9 @@ from ptm.merge.methods.base import (
     CONVENTIONS,
     REGISTRY,
     Context,
+    FlatIndex,
     Method,
+    Run,
     SharedBlock,
     as_matrix,
     check_options,
@@ -29,7 +31,8 @@ from ptm.merge.methods.spectral import iso_c, iso_cts, tsv
 from ptm.merge.methods.spherical import model_stock_t, slerp_coefficients, sphere_mean_coefficients
 
 __all__ = [
-    "CONVENTIONS", "REGISTRY", "Context", "Method", "SharedBlock", "as_matrix", "check_options", "dare", "get",
+    "CONVENTIONS", "REGISTRY", "Context", "FlatIndex", "Method", "Run", "SharedBlock", "as_matrix", "check_options",
+    "dare", "get",
     "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "model_stock_t", "nearswap",
     "register", "slerp_coefficients", "sparse", "spectral", "sphere_mean_coefficients", "spherical", "task_arithmetic",
     "ties", "ties_unit_stats", "tsv", "uniform_from_index", "wise_ft",

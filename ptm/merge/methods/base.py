@@ -7,7 +7,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,6 +15,31 @@ from ptm.errors import MergeError
 from ptm.merge.methods import select
 
 Arrays = dict[str, Any]  # role -> np.ndarray or list[np.ndarray]
+
+
+class FlatIndex:
+    """The global flat indices (uint64, C order) of a slice's elements, computed when called. `start` is set when
+    they are one contiguous run start + arange(size): then methods can take any part of it (`Run`) without the
+    8-byte-per-entry array of the whole piece."""
+
+    def __init__(self, make: Callable[[], np.ndarray], start: int | None = None):
+        self.make, self.start = make, start
+
+    def __call__(self) -> np.ndarray:
+        return self.make()
+
+
+class Run(NamedTuple):
+    """The flat indices start .. start + size - 1 (what `random_bits` takes instead of an index array)."""
+
+    start: int
+    size: int
+
+
+def flat_run(fi: Callable[[], np.ndarray] | None, lo: int, hi: int) -> Run | None:
+    """Entries lo..hi of a FlatIndex as a Run, or None when it is not one contiguous run."""
+    start = getattr(fi, "start", None)
+    return Run(start + lo, hi - lo) if start is not None else None
 
 
 @dataclass
@@ -120,7 +145,11 @@ def kth_largest_abs(blocks: Callable[[], Iterable[np.ndarray]] | Iterable[np.nda
     if n is not None:
         sel = select.AbsSelect(n, [k])
         for b in make():
-            sel.feed(select.abs_bits(b))
+            flat = np.ascontiguousarray(b, np.float32).reshape(-1)
+            if sel.br is None:
+                sel.prime(select.sample(flat))
+            for sl in select.sub_blocks(flat.size):
+                sel.feed(select.abs_bits(flat[sl]))
         v = sel.value(0)
         if v is not None:
             return select.as_float(v)
@@ -168,12 +197,20 @@ def _key32(key: int, hi: np.ndarray) -> np.ndarray:
     return _lowbias32(x, np.empty_like(x)) + np.uint32(key & 0xFFFFFFFF)
 
 
-def random_bits(seed: int, name: str, k: int, flat_index: np.ndarray) -> np.ndarray:
+def random_bits(seed: int, name: str, k: int, flat_index: np.ndarray | Run) -> np.ndarray:
     """Counter-based random uint32 per element: lowbias32(lo32(index) * golden + key), the key a hash of (seed,
     tensor name, input k, high word of the index). A shard computes the same bits as the whole tensor because
-    the only inputs are the element's global flat index and the key; 32-bit arithmetic, ~10 in-place ufuncs."""
-    idx = np.asarray(flat_index).reshape(-1)
+    the only inputs are the element's global flat index and the key; 32-bit arithmetic, ~10 in-place ufuncs.
+    `flat_index`: an index array, or a `Run` (then lo32 * golden comes from a cached table: one ufunc less)."""
     key = _key(seed, name, k)
+    if isinstance(flat_index, Run):
+        start, n = flat_index
+        if n <= _TABLE and (start >> 32) == ((start + max(n, 1) - 1) >> 32):
+            k32 = int(_key32(key, np.array([start >> 32], np.uint32))[0])
+            x = np.add(_golden_table()[:n], np.uint32((start * 0x9E3779B9 + k32) & 0xFFFFFFFF))
+            return _lowbias32(x, np.empty_like(x))
+        flat_index = np.arange(start, start + n, dtype=np.uint64)
+    idx = np.asarray(flat_index).reshape(-1)
     x = idx.astype(np.uint32)  # the low word (wraps)
     np.multiply(x, _GOLDEN32, out=x)
     top = int(idx.max()) >> 32 if idx.size else 0
@@ -184,17 +221,30 @@ def random_bits(seed: int, name: str, k: int, flat_index: np.ndarray) -> np.ndar
     return _lowbias32(x, np.empty_like(x)).reshape(np.shape(flat_index))
 
 
+_TABLE = 1 << 16
+_GOLDEN: list[np.ndarray] = []
+
+
+def _golden_table() -> np.ndarray:
+    """i * golden (mod 2^32) for i < _TABLE."""
+    if not _GOLDEN:
+        _GOLDEN.append(np.arange(_TABLE, dtype=np.uint32) * _GOLDEN32)
+    return _GOLDEN[0]
+
+
 def uniform_from_index(seed: int, name: str, k: int, flat_index: np.ndarray) -> np.ndarray:
     """Counter-based uniforms in [0, 1), multiples of 2^-24: the top 24 of `random_bits`."""
     u = random_bits(seed, name, k, flat_index) >> np.uint32(8)
     return u.astype(np.float32) * np.float32(1.0 / (1 << 24))
 
 
-def keep_mask(seed: int, name: str, k: int, flat_index: np.ndarray, drop_rate: float) -> np.ndarray:
+def keep_mask(seed: int, name: str, k: int, flat_index: np.ndarray | Run, drop_rate: float) -> np.ndarray:
     """DARE's keep test `uniform_from_index(...) >= float32(drop_rate)` as a uint32 mask (all ones: kept), to
     AND onto float32 bit patterns: with u = m 2^-24, u >= p <=> m >= ceil(p 2^24) (exact: powers of two)."""
     m_min = math.ceil(float(np.float32(drop_rate)) * (1 << 24))  # keep iff m >= m_min
-    m = (random_bits(seed, name, k, flat_index) >> np.uint32(8)).view(np.int32)
+    m = random_bits(seed, name, k, flat_index)
+    np.right_shift(m, np.uint32(8), out=m)
+    m = m.view(np.int32)
     np.subtract(np.int32(m_min - 1), m, out=m)  # negative iff kept (m and m_min are within [0, 2^24])
     np.right_shift(m, np.int32(31), out=m)  # arithmetic: -1 (all ones) iff kept
     return m.view(np.uint32)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 SAMPLE = 1 << 16  # entries of the first block the brackets are estimated from
+SUB = 1 << 16  # entries per cache-sized sub-block of a piece
 MARGIN = 0.01  # rank fraction added on each side of a bracket, beyond 5 standard errors of the sample quantile
 MAX_KEPT = 0.25  # a bracket holding more than this fraction of the entries is given up (many equal values)
 
@@ -37,9 +38,10 @@ class AbsSelect:
         self.blocks = 0
         self.failed = [not 1 <= k <= n for k in self.ks]
 
-    def _brackets(self, ab: np.ndarray) -> None:
-        step = max(1, ab.size // SAMPLE)
-        s = np.sort(ab[::step])[::-1]  # descending
+    def prime(self, sample: np.ndarray) -> None:
+        """Set the brackets from a sample of the |x| bit patterns (e.g. a strided sample of the first block)."""
+        step = max(1, sample.size // SAMPLE)
+        s = np.sort(sample[::step])[::-1]  # descending
         m = s.size
         self.br = []
         for k in self.ks:
@@ -50,9 +52,11 @@ class AbsSelect:
             lo = int(s[r_lo]) if r_lo < m else 0
             self.br.append((lo, hi))
 
-    def feed(self, ab: np.ndarray) -> None:
+    def feed(self, ab: np.ndarray, block: int | None = None, offset: int = 0) -> None:
+        """Count and keep one block's entries (`ab`: flat |x| bit patterns). With `where`, entry i is recorded as
+        (block, offset + i); block defaults to the number of blocks fed before."""
         if self.br is None:
-            self._brackets(ab)
+            self.prime(ab)
         cap = max(MAX_KEPT * self.n, 1 << 20)
         for j, (lo, hi) in enumerate(self.br):
             if self.failed[j]:
@@ -68,7 +72,7 @@ class AbsSelect:
                 continue
             self.vals[j].append(ab[inside])
             if self.where:
-                self.locs[j].append((self.blocks, inside))
+                self.locs[j].append((self.blocks if block is None else block, inside + offset))
         self.blocks += 1
 
     def value(self, j: int) -> int | None:
@@ -89,6 +93,17 @@ class AbsSelect:
         return above, [(b, p) for b, p in eq if p.size]
 
 
+def sample(x: np.ndarray) -> np.ndarray:
+    """A strided sample (~SAMPLE entries) of a block's |x| bit patterns, for `AbsSelect.prime`."""
+    flat = x.reshape(-1)
+    return abs_bits(flat[:: max(1, flat.size // SAMPLE)])
+
+
+def sub_blocks(n: int, size: int = SUB) -> list[slice]:
+    """Cache-sized slices of n entries: chains of ufuncs over them stay in cache (whole 16 MiB pieces do not)."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def as_float(bits: int) -> float:
     return float(np.array([bits], np.uint32).view(np.float32)[0])
 
@@ -96,9 +111,14 @@ def as_float(bits: int) -> float:
 def exact_cutoff(above: int, k: int, ties: list[tuple[int, np.ndarray]],
                  flat: Callable[[int], np.ndarray]) -> int:
     """mergekit's exact-k trim: the largest flat index among the entries equal to the threshold that are kept
-    (lowest flat indices first, k - above of them), or -1 when none is. `flat(b)` is block b's flat indices."""
+    (lowest flat indices first, k - above of them), or -1 when none is. `flat(b)` is block b's flat indices
+    (called once per block)."""
     need = k - above
     if need <= 0:
         return -1
-    idx = np.sort(np.concatenate([flat(b).reshape(-1)[p] for b, p in ties]).astype(np.uint64))
+    by_block: dict[int, list[np.ndarray]] = {}
+    for b, p in ties:
+        by_block.setdefault(b, []).append(p)
+    idx = np.sort(np.concatenate([flat(b).reshape(-1)[np.concatenate(ps)] for b, ps in by_block.items()])
+                  .astype(np.uint64))
     return int(idx[need - 1])

@@ -15,6 +15,7 @@ from ptm.merge.methods.base import (
     Arrays,
     Context,
     Method,
+    Run,
     _anchor,
     _consensus_sum,
     _count,
@@ -25,13 +26,14 @@ from ptm.merge.methods.base import (
     _taus,
     and_mask,
     as_matrix,
+    flat_run,
     ge_mask,
     keep_mask,
     kth_largest_abs,
     register,
     uniform_from_index,
 )
-from ptm.merge.methods.select import AbsSelect, abs_bits, as_float, exact_cutoff
+from ptm.merge.methods.select import SAMPLE, SUB, AbsSelect, abs_bits, as_float, exact_cutoff, sub_blocks
 
 
 def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize: bool = True,
@@ -120,12 +122,20 @@ def _select_taus(stream, numel: int, wants: Callable[[int], list[int]], where: b
                 ks = wants(k)
                 if ks:
                     sels[k] = AbsSelect(numel, ks, where)
+        piece = len(flats)
         flats.append(idx)
-        pre = x["pre"]
-        tau = np.empty(pre.shape, np.float32)
-        for k, sel in sels.items():
-            np.subtract(x["skills"][k], pre, out=tau)
-            sel.feed(abs_bits(tau, out=tau.reshape(-1).view(np.uint32)))
+        pre = np.ascontiguousarray(x["pre"]).reshape(-1)
+        skills = [np.ascontiguousarray(s).reshape(-1) for s in x["skills"]]
+        if piece == 0:
+            step = max(1, pre.size // SAMPLE)
+            for k, sel in sels.items():
+                sel.prime(abs_bits(skills[k][::step] - pre[::step]))
+        tau = np.empty(min(SUB, pre.size), np.float32)
+        for sl in sub_blocks(pre.size):
+            t = tau[: sl.stop - sl.start]
+            for k, sel in sels.items():
+                np.subtract(skills[k][sl], pre[sl], out=t)
+                sel.feed(abs_bits(t, out=t.view(np.uint32)), piece, sl.start)
     return sels, flats, n_skills
 
 
@@ -232,31 +242,65 @@ def _breadcrumbs(consensus: bool):
 
 def dare_stats(stream, numel: int, drop_rate: Any = 0.1, convention: str = "ptm", seed: int = 0, name: str = "",
                **_: Any) -> dict[str, Any]:
-    """convention "mergekit": per skill, the factor |tau|_1 / |tau kept|_1 that keeps the unit's L1 norm."""
+    """convention "mergekit": per skill, the factor |tau|_1 / |tau kept|_1 that keeps the unit's L1 norm. The keep
+    masks computed for it are kept too, packed 1 bit per entry (`keep_bits`, from flat index `unit_start`), so
+    that the combine reuses them instead of drawing them again; None when the pieces are not contiguous runs."""
     if convention != "mergekit":
         return {}
     tot: dict[int, list[float]] = {}
+    packed: dict[int, np.ndarray] | None = {}
+    unit_start = None
     for x, idx in stream():
-        fi = idx()
-        a = np.empty(x["pre"].shape, np.float32)
-        for k, s in enumerate(x["skills"]):
-            np.subtract(s, x["pre"], out=a)
-            np.abs(a, out=a)
-            t = tot.setdefault(k, [0.0, 0.0])
-            t[0] += float(a.sum(dtype=np.float64))
-            t[1] += float(and_mask(a, keep_mask(seed, name, k, fi, _per(drop_rate, k))).sum(dtype=np.float64))
-    return {"l1_scale": [a / b if b > 0 else 1.0 for a, b in (tot[k] for k in sorted(tot))]}
+        start = getattr(idx, "start", None)
+        fi = idx().reshape(-1) if start is None else None
+        if unit_start is None:
+            unit_start = start
+        pre = np.ascontiguousarray(x["pre"]).reshape(-1)
+        skills = [np.ascontiguousarray(s).reshape(-1) for s in x["skills"]]
+        off = start - unit_start if start is not None and unit_start is not None else None
+        if off is None or off % 8 or (pre.size % 8 and off + pre.size < numel):
+            packed = None  # bits of this piece would not start on a byte of the unit's bit array
+        buf = np.empty(min(SUB, pre.size), np.float32)
+        for sl in sub_blocks(pre.size):
+            a = buf[: sl.stop - sl.start]
+            where = Run(start + sl.start, sl.stop - sl.start) if fi is None else fi[sl]
+            for k, s in enumerate(skills):
+                np.subtract(s[sl], pre[sl], out=a)
+                np.abs(a, out=a)
+                t = tot.setdefault(k, [0.0, 0.0])
+                t[0] += float(np.add.reduce(a, dtype=np.float32))
+                m = keep_mask(seed, name, k, where, _per(drop_rate, k))
+                t[1] += float(np.add.reduce(and_mask(a, m), dtype=np.float32))
+                if packed is not None:
+                    bits = packed.setdefault(k, np.zeros((numel + 7) // 8, np.uint8))
+                    o = off + sl.start
+                    bits[o // 8: (o + a.size + 7) // 8] = np.packbits(m.view(np.uint8)[::4])
+    return {"l1_scale": [a / b if b > 0 else 1.0 for a, b in (tot[k] for k in sorted(tot))],
+            "keep_bits": [packed[k] for k in sorted(packed)] if packed else None, "unit_start": unit_start}
+
+
+def _dare_mask(ctx: Context, k: int, idx: Callable[[], np.ndarray], n: int, p: float) -> np.ndarray:
+    """The keep mask (uint32) of skill k on this slice: unpacked from the unit's `keep_bits` when the slice is a
+    contiguous run inside the unit, else drawn (the same bits either way)."""
+    run = flat_run(ctx.flat_index, 0, n)
+    bits = ctx.unit.get("keep_bits")
+    if run is not None and bits is not None:
+        off = run.start - ctx.unit["unit_start"]
+        if 0 <= off and off + n <= bits[k].size * 8:
+            u = np.unpackbits(bits[k][off // 8: (off + n + 7) // 8])[off % 8: off % 8 + n]
+            return np.negative(u, dtype=np.uint32)
+    return keep_mask(ctx.seed, ctx.name, k, run if run is not None else idx().reshape(-1), p)
 
 
 def _dare_taus(x: Arrays, ctx: Context, drop_rate: Any, convention: str) -> list[np.ndarray]:
     """Each skill's tau_k with DARE's drop (entries set to +0) and rescale, as fresh arrays."""
-    idx = _flat(ctx, x["pre"])
+    flat = _Lazy(lambda: _flat(ctx, x["pre"]))
     out = []
     for k, t in enumerate(_taus(x)):
         p = _per(drop_rate, k)
         scale = _f32(ctx.unit["l1_scale"][k]) if convention == "mergekit" else np.float32(1.0) / np.float32(1.0 - p)
         np.multiply(t, scale, out=t)
-        out.append(and_mask(t, keep_mask(ctx.seed, ctx.name, k, idx, p)))
+        out.append(and_mask(t, _dare_mask(ctx, k, flat, t.size, p)))
     return out
 
 
