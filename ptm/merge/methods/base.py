@@ -3,6 +3,7 @@ helpers several families use (task vectors, sign-consensus sums, counter-based r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterable
@@ -197,6 +198,13 @@ def _key32(key: int, hi: np.ndarray) -> np.ndarray:
     return _lowbias32(x, np.empty_like(x)) + np.uint32(key & 0xFFFFFFFF)
 
 
+@functools.lru_cache(maxsize=4096)
+def _key32_of(key: int, hi: int) -> int:
+    """`_key32` of one high word, memoised (a dozen ufuncs on a 1-entry array cost more than a 32K-entry block's
+    share of them)."""
+    return int(_key32(key, np.array([hi], np.uint32))[0])
+
+
 def random_bits(seed: int, name: str, k: int, flat_index: np.ndarray | Run) -> np.ndarray:
     """Counter-based random uint32 per element: lowbias32(lo32(index) * golden + key), the key a hash of (seed,
     tensor name, input k, high word of the index). A shard computes the same bits as the whole tensor because
@@ -206,7 +214,7 @@ def random_bits(seed: int, name: str, k: int, flat_index: np.ndarray | Run) -> n
     if isinstance(flat_index, Run):
         start, n = flat_index
         if n <= _TABLE and (start >> 32) == ((start + max(n, 1) - 1) >> 32):
-            k32 = int(_key32(key, np.array([start >> 32], np.uint32))[0])
+            k32 = _key32_of(key, start >> 32)
             x = np.add(_golden_table()[:n], np.uint32((start * 0x9E3779B9 + k32) & 0xFFFFFFFF))
             return _lowbias32(x, np.empty_like(x))
         flat_index = np.arange(start, start + n, dtype=np.uint64)
@@ -215,7 +223,7 @@ def random_bits(seed: int, name: str, k: int, flat_index: np.ndarray | Run) -> n
     np.multiply(x, _GOLDEN32, out=x)
     top = int(idx.max()) >> 32 if idx.size else 0
     if top == 0:
-        x += _key32(key, np.zeros(1, np.uint32))[0]
+        x += np.uint32(_key32_of(key, 0))
     else:
         x += _key32(key, (idx >> np.uint64(32)).astype(np.uint32))
     return _lowbias32(x, np.empty_like(x)).reshape(np.shape(flat_index))
@@ -317,8 +325,12 @@ def _consensus_sum(taus: list[np.ndarray], w: list[float], consensus: bool, norm
 
 
 def _fast_divisors(w: list[float], normalize: bool) -> bool:
-    if not normalize:
-        return True
+    return not normalize or _subset_sums_ok(tuple(float(x) for x in w))
+
+
+@functools.lru_cache(maxsize=1024)
+def _subset_sums_ok(w: tuple[float, ...]) -> bool:
+    """Every non-empty subset sum of the float32 weights (in order, in float32) is >= 1e-8 in magnitude."""
     if len(w) > 12:
         return False
     wf = [_f32(x) for x in w]

@@ -43,8 +43,13 @@ def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize:
     convention "ptm": keep every |tau| >= the ceil(density n)-th largest, no sign on a zero vote; "mergekit": keep
     exactly int(density n) entries per unit (ties at the threshold: lowest flat index first), "+" on a zero vote."""
     if convention == "mergekit":
+        run = flat_run(ctx.flat_index, 0, x["pre"].size)
         flat = _Lazy(lambda: _flat(ctx, x["pre"]).reshape(-1))
-        taus = [_trim_exact(t, thr, cut, flat) for t, (thr, cut) in zip(_taus(x), ctx.unit["exact"], strict=True)]
+
+        def at(pos: np.ndarray) -> np.ndarray:  # flat indices of positions (a run: no index array)
+            return pos.astype(np.uint64) + np.uint64(run.start) if run is not None else flat()[pos]
+
+        taus = [_trim_exact(t, thr, cut, at) for t, (thr, cut) in zip(_taus(x), ctx.unit["exact"], strict=True)]
         return _anchor(x, general_weight) + _consensus_sum(taus, w, True, normalize, "mergekit")
     thr = ctx.stats.get("thresholds") or [0.0] * len(x["skills"])
     taus = []
@@ -72,8 +77,9 @@ def _bits(v: float) -> int:
     return int(np.array([v], np.float32).view(np.uint32)[0])
 
 
-def _trim_exact(t: np.ndarray, thr: float, cut: int, flat: Callable[[], np.ndarray]) -> np.ndarray:
-    """t (in place) with mergekit's exact-k trim: keep |t| > thr, and |t| == thr where the flat index <= cut."""
+def _trim_exact(t: np.ndarray, thr: float, cut: int, at: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """t (in place) with mergekit's exact-k trim: keep |t| > thr, and |t| == thr where the flat index <= cut
+    (`at(positions)`: the flat indices of positions of t)."""
     if thr < 0:
         return t
     if math.isinf(thr):
@@ -82,7 +88,7 @@ def _trim_exact(t: np.ndarray, thr: float, cut: int, flat: Callable[[], np.ndarr
     ab = abs_bits(t)
     eq = np.flatnonzero(ab == np.uint32(tb)) if cut >= 0 else np.zeros(0, np.intp)
     if eq.size:
-        eq = eq[flat()[eq] <= np.uint64(cut)]
+        eq = eq[at(eq) <= np.uint64(cut)]
         vals = t.reshape(-1)[eq]
     and_mask(t, ge_mask(ab, tb, strict=True))
     if eq.size:
@@ -274,7 +280,7 @@ def dare_stats(stream, numel: int, drop_rate: Any = 0.1, convention: str = "ptm"
                 if packed is not None:
                     bits = packed.setdefault(k, np.zeros((numel + 7) // 8, np.uint8))
                     o = off + sl.start
-                    bits[o // 8: (o + a.size + 7) // 8] = np.packbits(m.view(np.uint8)[::4])
+                    bits[o // 8: (o + a.size + 7) // 8] = np.packbits(m != 0)  # contiguous bool: fast
     return {"l1_scale": [a / b if b > 0 else 1.0 for a, b in (tot[k] for k in sorted(tot))],
             "keep_bits": [packed[k] for k in sorted(packed)] if packed else None, "unit_start": unit_start}
 
