@@ -192,6 +192,10 @@ def test_flat_index_fast_path(shape):
     for region in itertools.product(*[[slice(0, d), slice(1, d), slice(0, 1), slice(d - 1, d)] for d in shape]):
         got = engine._flat_index(region, shape)
         assert np.array_equal(got, full[region]), region
+        want = full[region].reshape(-1)
+        contiguous = bool(np.all(np.diff(want.astype(np.int64)) == 1))
+        start = engine._run_start(region, shape)
+        assert (start is not None) == contiguous and (start is None or start == int(want[0])), region
 
 
 def test_dare_mergekit_reuses_the_stats_masks():
