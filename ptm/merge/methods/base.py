@@ -50,7 +50,7 @@ class Context:
     name: str = ""
     seed: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
-    flat_index: Callable[[], np.ndarray] | None = None  # global flat indices (uint64) of the slice's elements
+    flat_index: Callable[[], np.ndarray] | None = None  # global flat indices (uint64) of the slice (FlatIndex)
     unit: dict[str, Any] = field(default_factory=dict)  # `Method.unit_stats` of this unit (memo space too)
     layer: int | None = None  # the layer of this slice (stacked axis 0 or an HF `layers.N.` name), else None
     n_layers: int = 0
@@ -74,7 +74,8 @@ class Method:
     # Statistics per *unit* (one layer slice of a stacked `layers.*` tensor, else the whole tensor), computed by
     # the engine over the whole unit before any piece of it is combined, whatever the sharding:
     # unit_stats(stream, numel, **opts) -> dict, where stream() restarts an iterator of (x, flat_index) over the
-    # unit's pieces (x: role -> float32 arrays as `fn` gets them; flat_index() -> global uint64 indices).
+    # unit's pieces (x: role -> float32 arrays as `fn` gets them; flat_index() -> global uint64 indices, in C
+    # order; the engine passes a `FlatIndex`, whose `start` says when they are one contiguous run).
     unit_stats: Callable[..., dict[str, Any]] | None = None
     # "element": fn is elementwise given the stats (the engine calls it on cache-sized blocks of any piece).
     # "matrix": fn needs a whole unit at once (SVD methods, per-row ranks): the engine hands it the unit's full
@@ -158,6 +159,7 @@ def kth_largest_abs(blocks: Callable[[], Iterable[np.ndarray]] | Iterable[np.nda
 
 
 def _kth_radix(make: Callable[[], Iterable[np.ndarray]], k: int) -> float:
+    """The exact k-th largest |x| by two 16-bit radix passes (high then low half of the bit patterns)."""
     hi = np.zeros(1 << 16, np.int64)
     for b in make():
         hi += np.bincount(select.abs_bits(b) >> 16, minlength=1 << 16)
