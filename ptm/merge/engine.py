@@ -242,11 +242,26 @@ def _units(name: str, shape: tuple[int, ...]) -> list[tuple[int | None, tuple[sl
     return [(None, full)]
 
 
+def _run_start(region: tuple[slice, ...], shape: tuple[int, ...]) -> int | None:
+    """The first flat index of `region` when its elements are one contiguous run of the C order, else None."""
+    if not shape:
+        return 0
+    dims = tuple(s.stop - s.start for s in region)
+    first = next((ax for ax, d in enumerate(dims) if d != 1), len(dims) - 1)
+    if dims[first + 1:] != shape[first + 1:]:
+        return None
+    return sum(s.start * math.prod(shape[i + 1:]) for i, s in enumerate(region))
+
+
 def _flat_index(region: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
     """Global C-order flat indices (uint64) of the elements of `region`, shaped like it."""
     if not shape:
         return np.zeros((), np.uint64)
     strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    dims = tuple(s.stop - s.start for s in region)
+    start = _run_start(region, shape)
+    if start is not None:  # one contiguous run of the flat order: start + arange
+        return np.arange(start, start + math.prod(dims), dtype=np.uint64).reshape(dims)
     out = np.zeros(tuple(s.stop - s.start for s in region), np.uint64)
     for ax, (s, st) in enumerate(zip(region, strides, strict=True)):
         r = np.arange(s.start, s.stop, dtype=np.uint64) * np.uint64(st)
@@ -307,7 +322,7 @@ class _Combiner:
             for p in pieces(region, chunk):
                 arr = {i: self.plan.stores[i].read(name, p).astype(np.float32) for i in used}
                 x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
-                yield x, (lambda p=p: _flat_index(p, shape))
+                yield x, M.FlatIndex(lambda p=p: _flat_index(p, shape), _run_start(p, shape))
 
         return gen
 
@@ -392,7 +407,11 @@ class _Combiner:
                         )
                     bufs.append(b)
 
-                def flat_index(j0=j0, j1=j1, gshape=gshape, offset=offset) -> np.ndarray:
+                run = offset[0] * math.prod(info.shape[1:]) + j0 if gshape and gshape[1:] == info.shape[1:] else None
+
+                def flat_index(j0=j0, j1=j1, gshape=gshape, offset=offset, run=run) -> np.ndarray:
+                    if run is not None:  # whole rows: a contiguous run
+                        return np.arange(run, run + j1 - j0, dtype=np.uint64)
                     loc = np.unravel_index(np.arange(j0, j1), gshape) if gshape else ()
                     glob = tuple(c + o for c, o in zip(loc, offset, strict=True))
                     return (
@@ -416,7 +435,7 @@ class _Combiner:
                         name=name,
                         seed=j.recipe.seed,
                         stats=self.stats.get((ji, name), {}),
-                        flat_index=flat_index,
+                        flat_index=M.FlatIndex(flat_index, run),
                         unit=self.unit_stats.get((ji, name, unit_layer), {}),
                         layer=layer,
                         n_layers=self.plan.n_layers,

@@ -14,7 +14,9 @@ from ptm.merge.methods.base import (
     CONVENTIONS,
     REGISTRY,
     Context,
+    FlatIndex,
     Method,
+    Run,
     SharedBlock,
     as_matrix,
     check_options,
@@ -34,9 +36,9 @@ from ptm.merge.methods.spherical import (
 )
 
 __all__ = [
-    "CONVENTIONS", "REGISTRY", "Context", "Method", "SharedBlock", "as_matrix", "check_options", "dare", "get",
-    "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "model_stock_t", "multislerp_coefficients",
-    "nearswap",
+    "CONVENTIONS", "REGISTRY", "Context", "FlatIndex", "Method", "Run", "SharedBlock", "as_matrix", "check_options",
+    "dare", "get", "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "model_stock_t",
+    "multislerp_coefficients", "nearswap",
     "register", "slerp_coefficients", "sparse", "spectral", "sphere_mean_coefficients", "spherical", "task_arithmetic",
     "ties", "ties_unit_stats", "tsv", "uniform_from_index", "wise_ft",
 ]

@@ -15,6 +15,7 @@ from ptm.merge.methods.base import (
     Arrays,
     Context,
     Method,
+    Run,
     _anchor,
     _consensus_sum,
     _count,
@@ -23,11 +24,16 @@ from ptm.merge.methods.base import (
     _per,
     _stream_taus,
     _taus,
+    and_mask,
     as_matrix,
+    flat_run,
+    ge_mask,
+    keep_mask,
     kth_largest_abs,
     register,
     uniform_from_index,
 )
+from ptm.merge.methods.select import SAMPLE, SUB, AbsSelect, abs_bits, as_float, exact_cutoff, sub_blocks
 
 
 def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize: bool = True,
@@ -37,23 +43,57 @@ def ties(x: Arrays, w: list[float], ctx: Context, density: Any = 1.0, normalize:
     convention "ptm": keep every |tau| >= the ceil(density n)-th largest, no sign on a zero vote; "mergekit": keep
     exactly int(density n) entries per unit (ties at the threshold: lowest flat index first), "+" on a zero vote."""
     if convention == "mergekit":
-        idx = _flat(ctx, x["pre"])
-        taus = []
-        for t, (thr, cut) in zip(_taus(x), ctx.unit["exact"], strict=True):
-            a = np.abs(t)
-            keep = (a > np.float32(thr)) | ((a == np.float32(thr)) & (idx <= np.uint64(cut))) if cut >= 0 else (
-                a > np.float32(thr))
-            taus.append(np.where(keep, t, np.float32(0)))
+        run = flat_run(ctx.flat_index, 0, x["pre"].size)
+        flat = _Lazy(lambda: _flat(ctx, x["pre"]).reshape(-1))
+
+        def at(pos: np.ndarray) -> np.ndarray:  # flat indices of positions (a run: no index array)
+            return pos.astype(np.uint64) + np.uint64(run.start) if run is not None else flat()[pos]
+
+        taus = [_trim_exact(t, thr, cut, at) for t, (thr, cut) in zip(_taus(x), ctx.unit["exact"], strict=True)]
         return _anchor(x, general_weight) + _consensus_sum(taus, w, True, normalize, "mergekit")
-    pre = x["pre"]
     thr = ctx.stats.get("thresholds") or [0.0] * len(x["skills"])
     taus = []
-    for s, t in zip(x["skills"], thr, strict=True):
-        tau = s - pre
-        if t > 0:
-            tau[np.abs(tau) < np.float32(t)] = 0
+    for tau, t in zip(_taus(x), thr, strict=True):
+        if t > 0:  # keep |tau| >= t
+            and_mask(tau, ge_mask(abs_bits(tau), _bits(t)))
         taus.append(tau)
     return _anchor(x, general_weight) + _consensus_sum(taus, w, True, normalize, "ptm")
+
+
+class _Lazy:
+    """A value computed on first use (the flat indices: only blocks with entries at a threshold need them)."""
+
+    def __init__(self, make: Callable[[], np.ndarray]):
+        self.make, self.v = make, None
+
+    def __call__(self) -> np.ndarray:
+        if self.v is None:
+            self.v = self.make()
+        return self.v
+
+
+def _bits(v: float) -> int:
+    """The uint32 bit pattern of float32(v) for v >= 0 (math.inf: above every finite pattern)."""
+    return int(np.array([v], np.float32).view(np.uint32)[0])
+
+
+def _trim_exact(t: np.ndarray, thr: float, cut: int, at: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """t (in place) with mergekit's exact-k trim: keep |t| > thr, and |t| == thr where the flat index <= cut
+    (`at(positions)`: the flat indices of positions of t)."""
+    if thr < 0:
+        return t
+    if math.isinf(thr):
+        return np.zeros_like(t)
+    tb = _bits(thr)
+    ab = abs_bits(t)
+    eq = np.flatnonzero(ab == np.uint32(tb)) if cut >= 0 else np.zeros(0, np.intp)
+    if eq.size:
+        eq = eq[at(eq) <= np.uint64(cut)]
+        vals = t.reshape(-1)[eq]
+    and_mask(t, ge_mask(ab, tb, strict=True))
+    if eq.size:
+        t.reshape(-1)[eq] = vals
+    return t
 
 
 def ties_stats(
@@ -70,18 +110,55 @@ def ties_stats(
     out = []
     for i in range(n_skills):
         d = _per(density, i)
-        out.append(0.0 if d >= 1.0 else kth_largest_abs(tau_blocks(i), max(1, math.ceil(d * numel))))
+        out.append(0.0 if d >= 1.0 else kth_largest_abs(tau_blocks(i), max(1, math.ceil(d * numel)), numel))
     return {"thresholds": out}
+
+
+def _select_taus(stream, numel: int, wants: Callable[[int], list[int]], where: bool = False
+                 ) -> tuple[dict[int, AbsSelect], list[Callable[[], np.ndarray]], int]:
+    """One pass over a unit: per skill k an AbsSelect of the ranks `wants(k)` of |tau_k| (skills with no wanted
+    rank are skipped), the pieces' flat-index callables (for `exact_cutoff`) and the number of skills."""
+    sels: dict[int, AbsSelect] = {}
+    flats: list[Callable[[], np.ndarray]] = []
+    n_skills = 0
+    for x, idx in stream():
+        if not flats:
+            n_skills = len(x["skills"])
+            for k in range(n_skills):
+                ks = wants(k)
+                if ks:
+                    sels[k] = AbsSelect(numel, ks, where)
+        piece = len(flats)
+        flats.append(idx)
+        pre = np.ascontiguousarray(x["pre"]).reshape(-1)
+        skills = [np.ascontiguousarray(s).reshape(-1) for s in x["skills"]]
+        if piece == 0:
+            step = max(1, pre.size // SAMPLE)
+            for k, sel in sels.items():
+                sel.prime(abs_bits(skills[k][::step] - pre[::step]))
+        tau = np.empty(min(SUB, pre.size), np.float32)
+        for sl in sub_blocks(pre.size):
+            t = tau[: sl.stop - sl.start]
+            for k, sel in sels.items():
+                np.subtract(skills[k][sl], pre[sl], out=t)
+                sel.feed(abs_bits(t, out=t.view(np.uint32)), piece, sl.start)
+    return sels, flats, n_skills
 
 
 def ties_unit_stats(stream, numel: int, density: Any = 1.0, convention: str = "ptm", **_: Any) -> dict[str, Any]:
     """convention "mergekit": per skill (threshold, cutoff) keeping exactly k = int(density * numel) entries of the
-    unit: every |tau| > threshold, and the entries equal to it with flat index <= cutoff (-1: none of them)."""
+    unit: every |tau| > threshold, and the entries equal to it with flat index <= cutoff (-1: none of them).
+    One pass for all skills (`AbsSelect`); a skill whose bracket misses takes the radix selection and a tie pass."""
     if convention != "mergekit":
         return {}
-    x0, _ = next(iter(stream()))
+
+    def want(k: int) -> list[int]:
+        n_keep = int(_per(density, k) * numel)
+        return [n_keep] if 0 < n_keep < numel else []
+
+    sels, flats, n_skills = _select_taus(stream, numel, want, where=True)
     out = []
-    for k in range(len(x0["skills"])):
+    for k in range(n_skills):
         n_keep = int(_per(density, k) * numel)
         if n_keep >= numel:
             out.append((-1.0, -1))  # keep all (|tau| > -1)
@@ -89,17 +166,27 @@ def ties_unit_stats(stream, numel: int, density: Any = 1.0, convention: str = "p
         if n_keep == 0:
             out.append((math.inf, -1))
             continue
-        taus = _stream_taus(stream, k)
-        thr = kth_largest_abs(taus, n_keep)
-        n_gt, ties_idx = 0, np.zeros(0, np.uint64)
-        for x, idx in stream():
-            a = np.abs(x["skills"][k] - x["pre"])
-            n_gt += int((a > np.float32(thr)).sum())
-            ties_idx = np.concatenate([ties_idx, idx().reshape(a.shape)[a == np.float32(thr)].ravel()])
-        need = n_keep - n_gt
-        ties_idx.sort()
-        out.append((thr, int(ties_idx[need - 1]) if need > 0 else -1))
+        v = sels[k].value(0)
+        if v is None:
+            out.append(_exact_radix(stream, k, n_keep))
+            continue
+        above, ties_at = sels[k].ties(0, v)
+        out.append((as_float(v),
+                    exact_cutoff(above, n_keep, ties_at, lambda b: flats[b]())))
     return {"exact": out}
+
+
+def _exact_radix(stream, k: int, n_keep: int) -> tuple[float, int]:
+    """The exact-k (threshold, cutoff) of skill k by the radix selection and one more pass for the ties."""
+    thr = kth_largest_abs(_stream_taus(stream, k), n_keep)
+    n_gt, ties_idx = 0, []
+    for x, idx in stream():
+        a = np.abs(x["skills"][k] - x["pre"])
+        n_gt += int((a > np.float32(thr)).sum())
+        ties_idx.append(idx().reshape(a.shape)[a == np.float32(thr)].ravel())
+    need = n_keep - n_gt
+    allt = np.sort(np.concatenate(ties_idx)) if ties_idx else np.zeros(0, np.uint64)
+    return thr, (int(allt[need - 1]) if need > 0 else -1)
 
 
 def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, convention: str = "ptm",
@@ -109,22 +196,35 @@ def dare(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, conventi
     element i is a function of (seed, tensor name, k, i)."""
     out = np.array(_anchor(x, general_weight), dtype=np.float32, copy=True)
     for t, wk in zip(_dare_taus(x, ctx, drop_rate, convention), w, strict=True):
-        out += _f32(wk) * t
+        out += np.multiply(t, _f32(wk), out=t)
     return out
 
 
 def breadcrumbs_stats(stream, numel: int, density: Any = 0.9, gamma: Any = 0.01, **_: Any) -> dict[str, Any]:
     """Per skill: drop the top `gamma` fraction of |tau| and the bottom 1 - density - gamma (so `density` remains;
-    when gamma >= 1 - density only the top 1 - density is dropped). Keep lo <= |tau| < hi."""
-    x0, _ = next(iter(stream()))
-    out = []
-    for k in range(len(x0["skills"])):
+    when gamma >= 1 - density only the top 1 - density is dropped). Keep lo <= |tau| < hi. One pass for all
+    skills and both bounds (`AbsSelect`), the radix selection where a bracket misses."""
+    def ranks(k: int) -> tuple[int, int, int]:
         d, gm = _per(density, k), _per(gamma, k)
         n_top = int(min(gm, 1.0 - d) * numel)
-        n_keep = int(d * numel)
-        taus = _stream_taus(stream, k)
-        hi = kth_largest_abs(taus, n_top) if n_top > 0 else math.inf
-        lo = kth_largest_abs(taus, n_top + n_keep) if 0 < n_top + n_keep < numel else 0.0
+        return n_top, int(d * numel), n_top + int(d * numel)
+
+    def want(k: int) -> list[int]:
+        n_top, _, n_lo = ranks(k)
+        return [n_top if n_top > 0 else 1, n_lo if 0 < n_lo < numel else 1]
+
+    sels, _, n_skills = _select_taus(stream, numel, want)
+    out = []
+    for k in range(n_skills):
+        n_top, n_keep, n_lo = ranks(k)
+
+        def at(j: int, rank: int, k=k) -> float:
+            v = sels[k].value(j)
+            return as_float(v) if v is not None else kth_largest_abs(
+                _stream_taus(stream, k), rank)
+
+        hi = at(0, n_top) if n_top > 0 else math.inf
+        lo = at(1, n_lo) if 0 < n_lo < numel else 0.0
         if n_keep == 0:
             lo = math.inf
         out.append((lo, hi))
@@ -146,34 +246,67 @@ def _breadcrumbs(consensus: bool):
     return fn
 
 
-def dare_keep(seed: int, name: str, k: int, idx: np.ndarray, drop_rate: float) -> np.ndarray:
-    return uniform_from_index(seed, name, k, idx) >= np.float32(drop_rate)
-
-
 def dare_stats(stream, numel: int, drop_rate: Any = 0.1, convention: str = "ptm", seed: int = 0, name: str = "",
                **_: Any) -> dict[str, Any]:
-    """convention "mergekit": per skill, the factor |tau|_1 / |tau kept|_1 that keeps the unit's L1 norm."""
+    """convention "mergekit": per skill, the factor |tau|_1 / |tau kept|_1 that keeps the unit's L1 norm. The keep
+    masks computed for it are kept too, packed 1 bit per entry (`keep_bits`, from flat index `unit_start`), so
+    that the combine reuses them instead of drawing them again; None when the pieces are not contiguous runs."""
     if convention != "mergekit":
         return {}
     tot: dict[int, list[float]] = {}
+    packed: dict[int, np.ndarray] | None = {}
+    unit_start = None
     for x, idx in stream():
-        fi = idx()
-        for k, s in enumerate(x["skills"]):
-            a = np.abs(s - x["pre"])
-            keep = dare_keep(seed, name, k, fi.reshape(a.shape), _per(drop_rate, k))
-            t = tot.setdefault(k, [0.0, 0.0])
-            t[0] += float(a.sum(dtype=np.float64))
-            t[1] += float(np.where(keep, a, 0).sum(dtype=np.float64))
-    return {"l1_scale": [a / b if b > 0 else 1.0 for a, b in (tot[k] for k in sorted(tot))]}
+        start = getattr(idx, "start", None)
+        fi = idx().reshape(-1) if start is None else None
+        if unit_start is None:
+            unit_start = start
+        pre = np.ascontiguousarray(x["pre"]).reshape(-1)
+        skills = [np.ascontiguousarray(s).reshape(-1) for s in x["skills"]]
+        off = start - unit_start if start is not None and unit_start is not None else None
+        if off is None or off % 8 or (pre.size % 8 and off + pre.size < numel):
+            packed = None  # bits of this piece would not start on a byte of the unit's bit array
+        buf = np.empty(min(SUB, pre.size), np.float32)
+        for sl in sub_blocks(pre.size):
+            a = buf[: sl.stop - sl.start]
+            where = Run(start + sl.start, sl.stop - sl.start) if fi is None else fi[sl]
+            for k, s in enumerate(skills):
+                np.subtract(s[sl], pre[sl], out=a)
+                np.abs(a, out=a)
+                t = tot.setdefault(k, [0.0, 0.0])
+                t[0] += float(np.add.reduce(a, dtype=np.float32))
+                m = keep_mask(seed, name, k, where, _per(drop_rate, k))
+                t[1] += float(np.add.reduce(and_mask(a, m), dtype=np.float32))
+                if packed is not None:
+                    bits = packed.setdefault(k, np.zeros((numel + 7) // 8, np.uint8))
+                    o = off + sl.start
+                    bits[o // 8: (o + a.size + 7) // 8] = np.packbits(m != 0)  # contiguous bool: fast
+    return {"l1_scale": [a / b if b > 0 else 1.0 for a, b in (tot[k] for k in sorted(tot))],
+            "keep_bits": [packed[k] for k in sorted(packed)] if packed else None, "unit_start": unit_start}
+
+
+def _dare_mask(ctx: Context, k: int, idx: Callable[[], np.ndarray], n: int, p: float) -> np.ndarray:
+    """The keep mask (uint32) of skill k on this slice: unpacked from the unit's `keep_bits` when the slice is a
+    contiguous run inside the unit, else drawn (the same bits either way)."""
+    run = flat_run(ctx.flat_index, 0, n)
+    bits = ctx.unit.get("keep_bits")
+    if run is not None and bits is not None:
+        off = run.start - ctx.unit["unit_start"]
+        if 0 <= off and off + n <= bits[k].size * 8:
+            u = np.unpackbits(bits[k][off // 8: (off + n + 7) // 8])[off % 8: off % 8 + n]
+            return np.negative(u, dtype=np.uint32)
+    return keep_mask(ctx.seed, ctx.name, k, run if run is not None else idx().reshape(-1), p)
 
 
 def _dare_taus(x: Arrays, ctx: Context, drop_rate: Any, convention: str) -> list[np.ndarray]:
-    idx = _flat(ctx, x["pre"])
+    """Each skill's tau_k with DARE's drop (entries set to +0) and rescale, as fresh arrays."""
+    flat = _Lazy(lambda: _flat(ctx, x["pre"]))
     out = []
     for k, t in enumerate(_taus(x)):
         p = _per(drop_rate, k)
         scale = _f32(ctx.unit["l1_scale"][k]) if convention == "mergekit" else np.float32(1.0) / np.float32(1.0 - p)
-        out.append(np.where(dare_keep(ctx.seed, ctx.name, k, idx, p), t * scale, np.float32(0)))
+        np.multiply(t, scale, out=t)
+        out.append(and_mask(t, _dare_mask(ctx, k, flat, t.size, p)))
     return out
 
 
