@@ -188,8 +188,7 @@ def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
     """Frankenmerges (passthrough; task arithmetic over aligned slices) and vocabulary surgery (union, base):
     the same tensors, shapes and output vocabulary as mergekit 0.1.5, within 1e-6 (float32)."""
     pytest.importorskip("transformers")
-    from ptm.ckpt import stores
-    from tests.merge.test_vocab import WORDS, _hf, _vocab
+    from tests.merge.test_vocab import WORDS, _hf
 
     base = _hf(tmp_path / "base", 0, WORDS)
     chat = _hf(tmp_path / "chat", 1, WORDS, ["<|im_start|>", "<|im_end|>"])
@@ -209,22 +208,7 @@ def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
                               "models": [{"model": chat, "parameters": {"weight": 0.5}},
                                          {"model": perm, "parameters": {"weight": 0.25}}]} for s in ("union", "base")},
     }
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    for name, cfg in cfgs.items():
-        p = tmp_path / f"{name}.yml"
-        p.write_text(yaml.safe_dump({"dtype": "float32", **cfg}))
-        res = subprocess.run([MK, str(p), str(tmp_path / f"mk_{name}"), "--allow-crimes"], capture_output=True,
-                             text=True, env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        engine.merge(mergekit_yaml.load(str(p), out=str(tmp_path / f"ptm_{name}")), progress=False, summary=False)
-        a, b = stores.open_store(str(tmp_path / f"mk_{name}")), stores.open_store(str(tmp_path / f"ptm_{name}"))
-        assert set(a.tensors()) == set(b.tensors()), name
-        for n in a.tensors():
-            x, y = a.read(n, ()).astype(np.float32), b.read(n, ()).astype(np.float32)
-            assert x.shape == y.shape and np.abs(x - y).max() <= 1e-6, (name, n)
-        if name.startswith("tokenizer"):
-            assert _vocab(tmp_path / f"mk_{name}") == _vocab(tmp_path / f"ptm_{name}")
-
+    _agree_within_1e6(tmp_path, cfgs, vocab=("tokenizer",))
 
 @pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
 def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path):
@@ -233,8 +217,7 @@ def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path
     parameters (source- and slice-level, gradients within slices): the same tensors and vocabulary as mergekit
     0.1.5, within 1e-6 (float32)."""
     pytest.importorskip("transformers")
-    from ptm.ckpt import stores
-    from tests.merge.test_vocab import WORDS, _hf, _vocab
+    from tests.merge.test_vocab import WORDS, _hf
 
     base = _hf(tmp_path / "base", 0, WORDS)
     chat = _hf(tmp_path / "chat", 1, WORDS, ["<|im_start|>", "<|im_end|>"])
@@ -267,6 +250,14 @@ def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path
             {"sources": [src(d0, 0, 2), src(d1, 0, 2)], "parameters": {"t": [0.1, 0.6]}},
             {"sources": [src(d0, 1, 3), src(d1, 1, 3)], "parameters": {"t": 0.3}}]},
     }
+    _agree_within_1e6(tmp_path, cfgs, vocab=("tokens", "slerp_pad"))
+
+def _agree_within_1e6(tmp_path, cfgs: dict, vocab: tuple[str, ...]) -> None:
+    """Run each float32 config through mergekit 0.1.5 and ptm: the same tensors and shapes within 1e-6, and for
+    the configs whose name starts with one of `vocab`, the same output vocabulary."""
+    from ptm.ckpt import stores
+    from tests.merge.test_vocab import _vocab
+
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     for name, cfg in cfgs.items():
         p = tmp_path / f"{name}.yml"
@@ -280,7 +271,7 @@ def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path
         for n in a.tensors():
             x, y = a.read(n, ()).astype(np.float32), b.read(n, ()).astype(np.float32)
             assert x.shape == y.shape and np.abs(x - y).max() <= 1e-6, (name, n)
-        if name.startswith(("tokens", "slerp_pad")):
+        if name.startswith(vocab):
             assert _vocab(tmp_path / f"mk_{name}") == _vocab(tmp_path / f"ptm_{name}")
 
 

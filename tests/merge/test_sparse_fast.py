@@ -237,3 +237,24 @@ def test_dare_mergekit_reuses_the_stats_masks():
         assert abs(st["l1_scale"][k] / scale - 1) < 1e-6
         ref += np.float32(ws[k]) * np.where(keep, tau * np.float32(st["l1_scale"][k]), np.float32(0))
     np.testing.assert_array_equal(whole, ref)
+
+
+@pytest.mark.parametrize("shape", [(7, 33), (64, 300), (3, 2, 50), (4, 1)])
+def test_della_probs_equal_the_double_argsort_formula_bit_for_bit(shape):
+    """DELLA's keep probabilities from one stable sort and a scatter equal (d - e) + 2e * rank / (c - 1) with the
+    rank from a double stable argsort, ties in a row included."""
+    from ptm.merge.methods.sparse import _della_probs
+
+    rng = np.random.default_rng(len(shape))
+    a = np.abs(rng.standard_normal(shape).astype(np.float32))
+    if shape[-1] > 10:
+        a[..., :5] = a[..., 5:10]  # equal magnitudes within a row
+    c = shape[-1]
+    for d, e in [(0.5, 0.1), (0.7, 0.29), (0.3, 0.05)]:
+        got = _della_probs(a, d, e)
+        if c <= 1:
+            assert np.all(got == np.float32(d))
+            continue
+        ranks = np.argsort(np.argsort(a, axis=-1, kind="stable"), axis=-1, kind="stable").astype(np.float32)
+        ref = (np.float32(d - e) + np.float32(2 * e) * ranks / np.float32(c - 1)).astype(np.float32)
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))

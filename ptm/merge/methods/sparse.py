@@ -323,8 +323,15 @@ def _della_probs(a: np.ndarray, density: float, epsilon: float) -> np.ndarray:
     c = a.shape[-1]
     if c <= 1:
         return np.full(a.shape, density, np.float32)
-    ranks = np.argsort(np.argsort(a, axis=-1, kind="stable"), axis=-1, kind="stable").astype(np.float32)
-    return (np.float32(density - epsilon) + np.float32(2 * epsilon) * ranks / np.float32(c - 1)).astype(np.float32)
+    # rank = the inverse of the stable sort's permutation: one sort and a scatter (was a second argsort, 1.6x
+    # the cost); then the same float32 operations in the same order as (d - e) + 2e * rank / (c - 1)
+    p = np.empty(a.shape, np.float32)
+    np.put_along_axis(p, np.argsort(a, axis=-1, kind="stable"),
+                      np.broadcast_to(np.arange(c, dtype=np.float32), a.shape), axis=-1)
+    p *= np.float32(2 * epsilon)
+    p /= np.float32(c - 1)
+    p += np.float32(density - epsilon)
+    return p
 
 
 def _della(consensus: bool):
