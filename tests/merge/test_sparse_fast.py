@@ -258,3 +258,25 @@ def test_della_probs_equal_the_double_argsort_formula_bit_for_bit(shape):
         ranks = np.argsort(np.argsort(a, axis=-1, kind="stable"), axis=-1, kind="stable").astype(np.float32)
         ref = (np.float32(d - e) + np.float32(2 * e) * ranks / np.float32(c - 1)).astype(np.float32)
         np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(40, 24), (6, 5, 8), (50,)])
+def test_della_row_blocks_equal_one_block_bit_for_bit(monkeypatch, name, shape):
+    """DELLA works through a unit in row blocks (memory): any block size gives the bits of one whole-unit block."""
+    rng = np.random.default_rng(3)
+    pre = rng.standard_normal(shape).astype(np.float32)
+    x = {"pre": pre, "skills": [pre + 0.1 * rng.standard_normal(shape).astype(np.float32) for _ in range(2)]}
+    n = math.prod(shape)
+    from ptm.merge.methods import get
+
+    fn = get(name).fn
+
+    def run(block):
+        monkeypatch.setattr(sparse, "DELLA_BLOCK", block)
+        ctx = base.Context(name="t", seed=2, flat_index=lambda: np.arange(n, dtype=np.uint64))
+        return fn(x, [1.0, 0.5], ctx, density=0.5, epsilon=0.2)
+
+    whole = run(1 << 30)
+    for block in (1, 7, 48):
+        np.testing.assert_array_equal(run(block).view(np.uint32), whole.view(np.uint32), err_msg=str(block))
