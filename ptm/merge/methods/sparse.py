@@ -326,11 +326,17 @@ def _della_probs(a: np.ndarray, density: float, epsilon: float) -> np.ndarray:
     c = a.shape[-1]
     if c <= 1:
         return np.full(a.shape, density, np.float32)
-    # rank = the inverse of the stable sort's permutation: one sort and a scatter (was a second argsort, 1.6x
-    # the cost); then the same float32 operations in the same order as (d - e) + 2e * rank / (c - 1)
+    # rank = the inverse of the stable sort's permutation, scattered (was a second argsort). The stable order
+    # comes from sorting unique uint64 keys (|a|'s bit pattern, which orders like the value, above the column):
+    # np.sort's SIMD sort plus the key build is 2.3x faster than a stable argsort, and gives the same order.
+    # Then the same float32 operations in the same order as (d - e) + 2e * rank / (c - 1).
+    key = np.abs(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    key <<= np.uint64(32)
+    key |= np.arange(c, dtype=np.uint64)
+    key.sort(axis=-1)
+    key &= np.uint64(0xFFFFFFFF)
     p = np.empty(a.shape, np.float32)
-    np.put_along_axis(p, np.argsort(a, axis=-1, kind="stable"),
-                      np.broadcast_to(np.arange(c, dtype=np.float32), a.shape), axis=-1)
+    np.put_along_axis(p, key.astype(np.intp), np.broadcast_to(np.arange(c, dtype=np.float32), a.shape), axis=-1)
     p *= np.float32(2 * epsilon)
     p /= np.float32(c - 1)
     p += np.float32(density - epsilon)
