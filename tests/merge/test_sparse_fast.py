@@ -263,7 +263,8 @@ def test_della_probs_equal_the_double_argsort_formula_bit_for_bit(shape):
 @pytest.mark.parametrize("name", ["della", "della_linear"])
 @pytest.mark.parametrize("shape", [(40, 24), (6, 5, 8), (50,)])
 def test_della_row_blocks_equal_one_block_bit_for_bit(monkeypatch, name, shape):
-    """DELLA works through a unit in row blocks (memory): any block size gives the bits of one whole-unit block."""
+    """DELLA works through a unit in row blocks (memory): any block size, with an index array or a contiguous run,
+    gives the bits of one whole-unit block."""
     rng = np.random.default_rng(3)
     pre = rng.standard_normal(shape).astype(np.float32)
     x = {"pre": pre, "skills": [pre + 0.1 * rng.standard_normal(shape).astype(np.float32) for _ in range(2)]}
@@ -272,11 +273,12 @@ def test_della_row_blocks_equal_one_block_bit_for_bit(monkeypatch, name, shape):
 
     fn = get(name).fn
 
-    def run(block):
+    def run(block, start=None):  # start: the unit is one contiguous run of flat indices (no index array)
         monkeypatch.setattr(sparse, "DELLA_BLOCK", block)
-        ctx = base.Context(name="t", seed=2, flat_index=lambda: np.arange(n, dtype=np.uint64))
-        return fn(x, [1.0, 0.5], ctx, density=0.5, epsilon=0.2)
+        fi = base.FlatIndex(lambda: np.arange(n, dtype=np.uint64), start)
+        return fn(x, [1.0, 0.5], base.Context(name="t", seed=2, flat_index=fi), density=0.5, epsilon=0.2)
 
     whole = run(1 << 30)
-    for block in (1, 7, 48):
-        np.testing.assert_array_equal(run(block).view(np.uint32), whole.view(np.uint32), err_msg=str(block))
+    for block, start in itertools.product((1, 7, 48, 1 << 30), (None, 0)):
+        np.testing.assert_array_equal(run(block, start).view(np.uint32), whole.view(np.uint32),
+                                      err_msg=f"{block} {start}")

@@ -353,7 +353,7 @@ def _della(consensus: bool):
             d, e = _per(density, k), _per(epsilon, k)
             if not (0 < d - e and d + e <= 1):
                 raise MergeError(f"della: need 0 < density - epsilon and density + epsilon <= 1 (got {d}, {e})")
-        idx = _flat(ctx, x["pre"]).reshape(m2)
+        whole = _Lazy(lambda: _flat(ctx, x["pre"]).reshape(m2))  # only when the unit is not one contiguous run
         pre2, skills2 = x["pre"].reshape(m2), [s.reshape(m2) for s in x["skills"]]
         out = np.empty(m2, np.float32)
         # Row blocks of ~1M entries: every step is row-local, and whole-unit temporaries (int64 sort indices,
@@ -362,12 +362,14 @@ def _della(consensus: bool):
         for r0 in range(0, m2[0], step):
             r1 = min(m2[0], r0 + step)
             pre = pre2[r0:r1]
+            run = flat_run(ctx.flat_index, r0 * m2[1], r1 * m2[1])
+            idx = whole()[r0:r1] if run is None else run
             taus = []
             for k, sk in enumerate(skills2):
                 d, e = _per(density, k), _per(epsilon, k)
                 t2 = sk[r0:r1] - pre
                 p = _della_probs(np.abs(t2), d, e)
-                keep = uniform_from_index(ctx.seed, ctx.name, k, idx[r0:r1]) < p
+                keep = uniform_from_index(ctx.seed, ctx.name, k, idx).reshape(p.shape) < p
                 taus.append(np.where(keep, t2 / p if rescale else t2, np.float32(0)).astype(np.float32))
             mixed = _consensus_sum(taus, w, consensus, normalize, "mergekit")
             out[r0:r1] = pre + _f32(lambda_) * mixed
