@@ -336,7 +336,8 @@ def _della_probs(a: np.ndarray, density: float, epsilon: float) -> np.ndarray:
     key.sort(axis=-1)
     key &= np.uint64(0xFFFFFFFF)
     p = np.empty(a.shape, np.float32)
-    np.put_along_axis(p, key.astype(np.intp), np.broadcast_to(np.arange(c, dtype=np.float32), a.shape), axis=-1)
+    order = key.view(np.int64)  # the columns, < 2^32: the same bits as int64, no copy
+    np.put_along_axis(p, order, np.broadcast_to(np.arange(c, dtype=np.float32), a.shape), axis=-1)
     p *= np.float32(2 * epsilon)
     p /= np.float32(c - 1)
     p += np.float32(density - epsilon)
