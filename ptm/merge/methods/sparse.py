@@ -4,7 +4,9 @@ entries, optionally elect signs), with whole-unit statistics so a sharded merge 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -318,6 +320,7 @@ def dare_ties(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, nor
 
 
 DELLA_BLOCK = 1 << 20  # entries per row block of DELLA's per-row ranking
+DELLA_THREADS = min(4, os.cpu_count() or 1)  # threads over the row blocks of a unit
 
 
 def _della_probs(a: np.ndarray, density: float, epsilon: float) -> np.ndarray:
@@ -358,9 +361,12 @@ def _della(consensus: bool):
         pre2, skills2 = x["pre"].reshape(m2), [s.reshape(m2) for s in x["skills"]]
         out = np.empty(m2, np.float32)
         # Row blocks of ~1M entries: every step is row-local, and whole-unit temporaries (int64 sort indices,
-        # uint64 flat indices) of a 32000 x 2048 embedding cost ~3.5 GB private memory.
+        # uint64 flat indices) of a 32000 x 2048 embedding cost ~3.5 GB private memory. The blocks run on a few
+        # threads (numpy's sorts and large ufuncs release the GIL); each writes its own rows, so the result does
+        # not depend on the schedule.
         step = max(1, DELLA_BLOCK // m2[1])
-        for r0 in range(0, m2[0], step):
+
+        def block(r0: int) -> None:
             r1 = min(m2[0], r0 + step)
             pre = pre2[r0:r1]
             run = flat_run(ctx.flat_index, r0 * m2[1], r1 * m2[1])
@@ -374,6 +380,16 @@ def _della(consensus: bool):
                 taus.append(np.where(keep, t2 / p if rescale else t2, np.float32(0)).astype(np.float32))
             mixed = _consensus_sum(taus, w, consensus, normalize, "mergekit")
             out[r0:r1] = pre + _f32(lambda_) * mixed
+
+        starts = range(0, m2[0], step)
+        if len(starts) > 1 and DELLA_THREADS > 1:
+            if flat_run(ctx.flat_index, 0, 1) is None:
+                whole()  # the index array, built once before the threads share it
+            with ThreadPoolExecutor(min(DELLA_THREADS, len(starts))) as pool:
+                list(pool.map(block, starts))
+        else:
+            for r0 in starts:
+                block(r0)
         return out.reshape(shape)
 
     fn.__doc__ = "DELLA (MAGPRUNE): keep each tau entry with a probability linear in its magnitude rank within its " \
