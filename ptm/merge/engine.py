@@ -343,7 +343,9 @@ class _Combiner:
             stacked = tree.is_stacked_layer(name) and len(info.shape) > 0
             ushape = info.shape[1:] if stacked else info.shape
             used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
-            arr = {i: self.plan.stores[i].read(name, region).astype(np.float32).reshape(ushape) for i in used}
+            keep = j.method.stored_dtype_units
+            arr = {i: self.plan.stores[i].read(name, region) for i in used}
+            arr = {i: (a if keep else a.astype(np.float32)).reshape(ushape) for i, a in arr.items()}
             x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
             ctx = M.Context(name=name, seed=j.recipe.seed, stats=self.stats.get((ji, name), {}),
                             flat_index=M.FlatIndex(lambda: _flat_index(region, info.shape).reshape(ushape),
@@ -352,6 +354,8 @@ class _Combiner:
             res = np.asarray(j.method.fn(x, ws, ctx, **j.opts), dtype=np.float32)
             if res.shape != ushape:
                 raise MergeError(f"method {j.method.name!r} returned shape {res.shape} for {name!r}, want {ushape}")
+            for k in [k for k in self._units if k[1] != name]:  # tensors are merged one after the other
+                del self._units[k]
             while len(self._units) >= 2:  # a piece spans at most a few units; keep memory to ~2 units per job
                 self._units.pop(next(iter(self._units)))
             self._units[key] = res

@@ -137,14 +137,7 @@ def test_agrees_with_mergekit(tmp_path, method):
     paths = _models(tmp_path)
     cfg = {"merge_method": method.split("-")[0], "dtype": "float32", "out_dtype": "bfloat16",
            **_fill(CONFIGS[method], paths)}
-    cfg_path = tmp_path / "cfg.yml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    res = subprocess.run([MK, str(cfg_path), str(tmp_path / "mk"), "--allow-crimes"], capture_output=True, text=True,
-                         env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    engine.merge(mergekit_yaml.load(str(cfg_path), out=str(tmp_path / "ptm")), progress=False, summary=False)
-    a, b = stores.open_store(str(tmp_path / "mk")), stores.open_store(str(tmp_path / "ptm"))
+    a, b = _merge_both(tmp_path, cfg)
     base = stores.open_store(paths[0])
     agree = total = 0
     pooled: list = []
@@ -252,21 +245,28 @@ def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path
     }
     _agree_within_1e6(tmp_path, cfgs, vocab=("tokens", "slerp_pad"))
 
+def _merge_both(tmp_path, cfg: dict, name: str = "") -> tuple:
+    """Write `cfg` as `name`.yml, merge it with mergekit 0.1.5 (mk_`name`) and ptm (ptm_`name`); the two stores."""
+    from ptm.ckpt import stores
+
+    p = tmp_path / f"{name or 'cfg'}.yml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    mk, pt = tmp_path / f"mk{'_' + name if name else ''}", tmp_path / f"ptm{'_' + name if name else ''}"
+    res = subprocess.run([MK, str(p), str(mk), "--allow-crimes"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    engine.merge(mergekit_yaml.load(str(p), out=str(pt)), progress=False, summary=False)
+    return stores.open_store(str(mk)), stores.open_store(str(pt))
+
+
 def _agree_within_1e6(tmp_path, cfgs: dict, vocab: tuple[str, ...]) -> None:
     """Run each float32 config through mergekit 0.1.5 and ptm: the same tensors and shapes within 1e-6, and for
     the configs whose name starts with one of `vocab`, the same output vocabulary."""
-    from ptm.ckpt import stores
     from tests.merge.test_vocab import _vocab
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     for name, cfg in cfgs.items():
-        p = tmp_path / f"{name}.yml"
-        p.write_text(yaml.safe_dump({"dtype": "float32", **cfg}, sort_keys=False))
-        res = subprocess.run([MK, str(p), str(tmp_path / f"mk_{name}"), "--allow-crimes"], capture_output=True,
-                             text=True, env=env, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        engine.merge(mergekit_yaml.load(str(p), out=str(tmp_path / f"ptm_{name}")), progress=False, summary=False)
-        a, b = stores.open_store(str(tmp_path / f"mk_{name}")), stores.open_store(str(tmp_path / f"ptm_{name}"))
+        a, b = _merge_both(tmp_path, {"dtype": "float32", **cfg}, name)
         assert set(a.tensors()) == set(b.tensors()), name
         for n in a.tensors():
             x, y = a.read(n, ()).astype(np.float32), b.read(n, ()).astype(np.float32)
@@ -300,14 +300,7 @@ def test_ties_differs_only_at_threshold_ties(tmp_path):
 
     paths = _models(tmp_path)
     cfg = {"merge_method": "ties", "dtype": "float32", "out_dtype": "bfloat16", **_fill(CONFIGS["ties"], paths)}
-    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    res = subprocess.run([MK, str(tmp_path / "cfg.yml"), str(tmp_path / "mk"), "--allow-crimes"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    engine.merge(mergekit_yaml.load(str(tmp_path / "cfg.yml"), out=str(tmp_path / "ptm")), progress=False,
-                 summary=False)
-    a, b = stores.open_store(str(tmp_path / "mk")), stores.open_store(str(tmp_path / "ptm"))
+    a, b = _merge_both(tmp_path, cfg)
     models = [stores.open_store(p) for p in paths]
     densities = [e["parameters"]["density"] for e in CONFIGS["ties"]["models"]]
     off = 0
@@ -339,14 +332,7 @@ def test_sce_differs_only_at_threshold_ties(tmp_path):
     paths = _models(tmp_path)
     topk = CONFIGS["sce"]["parameters"]["select_topk"]
     cfg = {"merge_method": "sce", "dtype": "float32", "out_dtype": "float32", **_fill(CONFIGS["sce"], paths)}
-    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    res = subprocess.run([MK, str(tmp_path / "cfg.yml"), str(tmp_path / "mk"), "--allow-crimes"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    engine.merge(mergekit_yaml.load(str(tmp_path / "cfg.yml"), out=str(tmp_path / "ptm")), progress=False,
-                 summary=False)
-    a, b = stores.open_store(str(tmp_path / "mk")), stores.open_store(str(tmp_path / "ptm"))
+    a, b = _merge_both(tmp_path, cfg)
     models = [stores.open_store(p) for p in paths]
     tie_diffs = 0
     for n in b.tensors():

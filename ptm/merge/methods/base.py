@@ -81,6 +81,9 @@ class Method:
     # "matrix": fn needs a whole unit at once (SVD methods, per-row ranks): the engine hands it the unit's full
     # arrays (a layer slice without the layer axis, or the whole tensor) and takes the piece's part of the result.
     kind: str = "element"
+    # "matrix" only: the unit's arrays come in their stored dtype (e.g. bfloat16) and fn converts what it needs to
+    # float32 itself (DELLA, block by block: a float32 copy of a 32000 x 2048 embedding's inputs is 0.8 GB).
+    stored_dtype_units: bool = False
     mergekit_defaults: dict[str, Any] = field(default_factory=dict)  # options whose mergekit default differs
 
     def n_weights(self, inputs: dict[str, Any]) -> int:

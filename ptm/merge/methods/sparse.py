@@ -368,13 +368,13 @@ def _della(consensus: bool):
 
         def block(r0: int) -> None:
             r1 = min(m2[0], r0 + step)
-            pre = pre2[r0:r1]
+            pre = pre2[r0:r1].astype(np.float32)  # the unit comes in its stored dtype (stored_dtype_units)
             run = flat_run(ctx.flat_index, r0 * m2[1], r1 * m2[1])
             idx = whole()[r0:r1] if run is None else run
             taus = []
             for k, sk in enumerate(skills2):
                 d, e = _per(density, k), _per(epsilon, k)
-                t2 = sk[r0:r1] - pre
+                t2 = sk[r0:r1].astype(np.float32) - pre
                 p = _della_probs(np.abs(t2), d, e)
                 keep = uniform_from_index(ctx.seed, ctx.name, k, idx).reshape(p.shape) < p
                 taus.append(np.where(keep, t2 / p if rescale else t2, np.float32(0)).astype(np.float32))
@@ -499,7 +499,7 @@ register(Method("dare_ties", dare_ties, _GTA, (), "skills",
 for _name, _cons in (("della", True), ("della_linear", False)):  # normalize defaults as in mergekit 0.1.5
     register(Method(_name, _della(_cons), _GTA, (), "skills",
                     {"density": 0.7, "epsilon": 0.1, "lambda_": 1.0, "normalize": _cons, "rescale": True},
-                    kind="matrix", doc="magnitude-ranked keep probabilities per row" +
+                    kind="matrix", stored_dtype_units=True, doc="magnitude-ranked keep probabilities per row" +
                     (", sign election" if _cons else "")))
 register(Method("sce", sce, _GTA, (), "none", {"select_topk": 1.0, "lambda_": 1.0, "convention": "ptm"},
                 unit_stats=sce_stats,
