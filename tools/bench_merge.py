@@ -214,6 +214,7 @@ def io_floor(inputs: list[str], outs: list[str]) -> None:
 
 
 PTM_ONLY = {"tsv", "iso_c", "iso_cts", "lines", "metagpt"}
+DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
 def method_case(method: str, d: str, st: dict, mergekit: str | None, warm) -> dict:
@@ -229,7 +230,7 @@ def method_case(method: str, d: str, st: dict, mergekit: str | None, warm) -> di
                                                     "bfloat16", "--out", out]))
         shutil.rmtree(out, ignore_errors=True)
         return res
-    dens = "" if method in ("task_arithmetic", "linear") else "\n      density: 0.5"
+    dens = "\n      density: 0.5" if method in DENSITY else ""
     cfg = f"{d}/mk-{method}.yml"
     with open(cfg, "w") as f:
         f.write(f"merge_method: {method}\nbase_model: {st['pre']}\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
