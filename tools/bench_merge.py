@@ -89,12 +89,13 @@ def _rand(rng, shape):
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(ml_dtypes.bfloat16)
 
 
-def gen_safetensors(path: str, seed: int) -> None:
+def gen_safetensors(path: str, seed: int, shapes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """`path`/model.safetensors: random bf16 tensors of `shapes` (default: the whole TinyLlama-shaped model)."""
     import struct
 
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
-    shapes = hf_shapes()
+    shapes = hf_shapes() if shapes is None else shapes
     header, off = {}, 0
     for n, s in shapes.items():
         nb = int(np.prod(s)) * 2

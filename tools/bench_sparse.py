@@ -17,7 +17,6 @@ import os
 import pstats
 import resource
 import shutil
-import struct
 import sys
 import time
 
@@ -34,19 +33,7 @@ def generate(d: str, layers: int) -> int:
         p = f"{d}/{n}"
         if os.path.exists(f"{p}/model.safetensors"):
             continue
-        os.makedirs(p, exist_ok=True)
-        rng = np.random.default_rng(i)
-        header, off = {}, 0
-        for k, s in shapes.items():
-            nb = int(np.prod(s)) * 2
-            header[k] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + nb]}
-            off += nb
-        raw = json.dumps(header).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(f"{p}/model.safetensors", "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            for s in shapes.values():
-                f.write(B._rand(rng, s).tobytes())
+        B.gen_safetensors(p, i, shapes)
         with open(f"{p}/config.json", "w") as f:
             json.dump({**B.hf_config(), "num_hidden_layers": layers}, f)
     return sum(int(np.prod(s)) for s in shapes.values())
