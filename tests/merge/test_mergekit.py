@@ -176,20 +176,31 @@ def _deep(path, seed: int, tok_dir: str) -> str:
     return str(path)
 
 
-@pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
-def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
-    """Frankenmerges (passthrough; task arithmetic over aligned slices) and vocabulary surgery (union, base):
-    the same tensors, shapes and output vocabulary as mergekit 0.1.5, within 1e-6 (float32)."""
+def _vocab_and_deep_models(tmp_path) -> tuple[str, ...]:
+    """Tiny HF models for the vocabulary cases (base; chat with two added tokens; perm with permuted ids, one added
+    token and a padded embedding) and three 3-layer ones for slices: (base, chat, perm, d0, d1, d2)."""
     pytest.importorskip("transformers")
     from tests.merge.test_vocab import WORDS, _hf
 
     base = _hf(tmp_path / "base", 0, WORDS)
     chat = _hf(tmp_path / "chat", 1, WORDS, ["<|im_start|>", "<|im_end|>"])
     perm = _hf(tmp_path / "perm", 2, WORDS[::-1], ["<|im_start|>"], rows=40)
-    d0, d1, d2 = (_deep(tmp_path / f"d{i}", i, base) for i in range(3))
+    return (base, chat, perm, *(_deep(tmp_path / f"d{i}", i, base) for i in range(3)))
+
+
+def _src(model: str, a: int, b: int, params: dict | None = None) -> dict:
+    """One slice source: `model` layers [a, b), with `params` when given."""
+    return {"model": model, "layer_range": [a, b], **({"parameters": params} if params else {})}
+
+
+@pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
+def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
+    """Frankenmerges (passthrough; task arithmetic over aligned slices) and vocabulary surgery (union, base):
+    the same tensors, shapes and output vocabulary as mergekit 0.1.5, within 1e-6 (float32)."""
+    base, chat, perm, d0, d1, d2 = _vocab_and_deep_models(tmp_path)
 
     def src(m, a, b, w=None):
-        return {"model": m, "layer_range": [a, b], **({"parameters": {"weight": w}} if w is not None else {})}
+        return _src(m, a, b, {"weight": w} if w is not None else None)
 
     cfgs = {
         "passthrough": {"merge_method": "passthrough", "slices": [{"sources": [src(d0, 0, 2)]},
@@ -203,22 +214,16 @@ def test_slices_and_tokenizers_agree_with_mergekit(tmp_path):
     }
     _agree_within_1e6(tmp_path, cfgs, vocab=("tokenizer",))
 
+
 @pytest.mark.skipif(not os.path.exists(MK), reason=f"mergekit not installed ({MK}); see tools/bench_merge.py")
 def test_token_sources_padding_and_slice_parameters_agree_with_mergekit(tmp_path):
     """mergekit's `tokenizer:` block (tokens from a model, zero, model_token, force, added tokens;
     pad_to_multiple_of, whose padding rows mergekit fills per input before merging: slerp shows it) and per-slice
     parameters (source- and slice-level, gradients within slices): the same tensors and vocabulary as mergekit
     0.1.5, within 1e-6 (float32)."""
-    pytest.importorskip("transformers")
-    from tests.merge.test_vocab import WORDS, _hf
+    base, chat, perm, d0, d1, d2 = _vocab_and_deep_models(tmp_path)
 
-    base = _hf(tmp_path / "base", 0, WORDS)
-    chat = _hf(tmp_path / "chat", 1, WORDS, ["<|im_start|>", "<|im_end|>"])
-    perm = _hf(tmp_path / "perm", 2, WORDS[::-1], ["<|im_start|>"], rows=40)
-    d0, d1, d2 = (_deep(tmp_path / f"d{i}", i, base) for i in range(3))
-
-    def src(m, a, b, p=None):
-        return {"model": m, "layer_range": [a, b], **({"parameters": p} if p else {})}
+    src = _src
 
     tokens = {"<|im_start|>": {"source": chat}, "w6": {"source": perm, "force": True},
               "<|im_end|>": {"source": {"kind": "zero"}},
