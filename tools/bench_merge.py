@@ -218,10 +218,27 @@ PTM_ONLY = {"tsv", "iso_c", "iso_cts", "lines", "metagpt"}
 DENSITY = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
+PAIR_T = {"slerp": 0.3, "nearswap": 0.001}  # methods of base_model -> one other model, by a global `t`
+GLOBAL = {"sce": "select_topk: 0.5"}  # global parameters some methods need
+
+
+def method_yaml(method: str, st: dict) -> str:
+    """The bench's mergekit YAML for `method`: base pre, general weight 1.0 and skill weight 0.3 (density 0.5
+    where the method has one); slerp and nearswap go from general to skill by t."""
+    head = f"merge_method: {method}\ndtype: float32\nout_dtype: bfloat16\n"
+    if method in PAIR_T:
+        return (head + f"base_model: {st['general']}\nparameters:\n  t: {PAIR_T[method]}\nmodels:\n"
+                f"  - model: {st['general']}\n  - model: {st['skill']}\n")
+    dens = "\n      density: 0.5" if method in DENSITY else ""
+    glob = f"parameters:\n  {GLOBAL[method]}\n" if method in GLOBAL else ""
+    return (head + f"base_model: {st['pre']}\n{glob}models:\n"
+            f"  - model: {st['general']}\n    parameters:\n      weight: 1.0{dens}\n"
+            f"  - model: {st['skill']}\n    parameters:\n      weight: 0.3{dens}\n")
+
+
 def method_case(method: str, d: str, st: dict, mergekit: str | None, warm) -> dict:
-    """One method on the bench: base pre, general (weight 1) and skill (weight 0.3), density 0.5 where the
-    method has one, float32 math, bf16 out. mergekit methods run from the same YAML in both tools (`ptm merge
-    cfg.yml`), ptm-only ones from flags. Returns the measured cases."""
+    """One method on the bench, float32 math, bf16 out: mergekit methods run from the same YAML (`method_yaml`)
+    in both tools (`ptm merge cfg.yml`), ptm-only ones from flags. Returns the measured cases."""
     out, res = f"{d}/out-m", {}
     if method in PTM_ONLY:
         shutil.rmtree(out, ignore_errors=True)
@@ -231,12 +248,9 @@ def method_case(method: str, d: str, st: dict, mergekit: str | None, warm) -> di
                                                     "bfloat16", "--out", out]))
         shutil.rmtree(out, ignore_errors=True)
         return res
-    dens = "\n      density: 0.5" if method in DENSITY else ""
     cfg = f"{d}/mk-{method}.yml"
     with open(cfg, "w") as f:
-        f.write(f"merge_method: {method}\nbase_model: {st['pre']}\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
-                f"  - model: {st['general']}\n    parameters:\n      weight: 1.0{dens}\n"
-                f"  - model: {st['skill']}\n    parameters:\n      weight: 0.3{dens}\n")
+        f.write(method_yaml(method, st))
     shutil.rmtree(out, ignore_errors=True)
     warm(st)
     res[f"m_{method}_ptm"] = measure(ptm_merge([cfg, "--out", out]))

@@ -2,7 +2,7 @@
 
 Writes three bf16 safetensors inputs holding the first `--layers` layers of TinyLlama (88M entries each for two
 layers) into --dir once, then runs `ptm merge` in-process on the mergekit YAML that tools/bench_merge.py's
---methods cases use (base pre; general weight 1.0, skill weight 0.3, density 0.5, float32 math, bf16 out) and
+--methods cases use (`bench_merge.method_yaml`: base pre, general weight 1.0, skill weight 0.3...) and
 prints wall and CPU seconds (rusage; CPU is the robust figure on a shared machine), ns per entry and the load.
 
     python tools/bench_sparse.py --dir /tmp/sparse-bench --methods ties,dare_linear,task_arithmetic [--profile]
@@ -42,12 +42,9 @@ def generate(d: str, layers: int) -> int:
 def run(d: str, method: str, n: int, profile: bool) -> None:
     from ptm.merge import engine, mergekit_yaml
 
-    dens = "" if method in ("task_arithmetic", "linear") else "\n      density: 0.5"
     cfg = f"{d}/{method}.yml"
     with open(cfg, "w") as f:
-        f.write(f"merge_method: {method}\nbase_model: {d}/pre\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
-                f"  - model: {d}/general\n    parameters:\n      weight: 1.0{dens}\n"
-                f"  - model: {d}/skill\n    parameters:\n      weight: 0.3{dens}\n")
+        f.write(B.method_yaml(method, {n: f"{d}/{n}" for n in ("pre", "general", "skill")}))
     out = f"{d}/out-{method}"
     shutil.rmtree(out, ignore_errors=True)
     recipes = mergekit_yaml.load(cfg, out=out)

@@ -324,10 +324,12 @@ class _Combiner:
         shape = self.plan.infos[name].shape
         chunk = piece_shape(tuple(s.stop - s.start for s in region))
         used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
+        keep = j.method.stored_dtype_units
 
         def gen() -> Iterator[Any]:
             for p in pieces(region, chunk):
-                arr = {i: self.plan.stores[i].read(name, p).astype(np.float32) for i in used}
+                arr = {i: self.plan.stores[i].read(name, p) for i in used}
+                arr = arr if keep else {i: a.astype(np.float32) for i, a in arr.items()}
                 x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
                 yield x, M.FlatIndex(lambda p=p: _flat_index(p, shape), _run_start(p, shape))
 
@@ -419,7 +421,8 @@ class _Combiner:
                         )
                     bufs.append(b)
 
-                run = offset[0] * math.prod(info.shape[1:]) + j0 if gshape and gshape[1:] == info.shape[1:] else None
+                whole_rows = gshape and gshape[1:] == info.shape[1:]
+                run = offset[0] * math.prod(info.shape[1:]) + j0 if whole_rows else None
 
                 def flat_index(j0=j0, j1=j1, gshape=gshape, offset=offset, run=run) -> np.ndarray:
                     if run is not None:  # whole rows: a contiguous run

@@ -40,7 +40,7 @@ METHODS = {
     "nearswap": ("nearswap", "pair"),
     "nuslerp": ("nuslerp", "models+base"),
     "multislerp": ("multislerp", "models+base"),
-    "karcher": ("karcher", "models"),
+    "karcher": ("karcher", "all"),
     "passthrough": ("passthrough", "models"),
 }
 TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
@@ -148,6 +148,13 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
             raise ConfigError(f"{where}: merge_method {mm} takes the base_model and exactly one other model")
         keep = []
         inputs = {"models": [base, others[0]]}
+    elif layout == "all":  # mergekit 0.1.5's karcher: every entry, the base too, weighted equally (measured)
+        keep = list(range(len(models)))
+        if any("weight" in ps for ps in params):
+            warnings.warn(f"{where}: the models' weights have no effect on {mm} (mergekit 0.1.5 weights every "
+                          "model, base_model included, equally); for a weighted Karcher mean use a ptm recipe",
+                          stacklevel=2)
+        inputs = {"models": models if base is None or base in models else [base, *models]}
     else:
         keep = [i for i, m in enumerate(models) if m != base] if layout == "models+base" and base else list(
             range(len(models)))
@@ -176,6 +183,8 @@ def translate(cfg: dict[str, Any], out: str | None = None, tensor_names: list[st
                          mm == "passthrough" else 0.5)
         if method in ("model_stock", "sce"):
             return 1.0
+        if layout == "all":
+            return [1.0] * len(inputs["models"])
         return [param("weight", i, name, 1.0) for i in keep]
 
     r = Recipe(method, inputs, weights=weights_for(None), out=out, convention="mergekit", name=str(cfg.get("name", "")))

@@ -231,3 +231,17 @@ def test_gcs_in_and_out(tmp_path, gcs_bucket, ckpts):
         np.asarray(load_file(str(tmp_path / "st-out.safetensors"))["a.w"], np.float32),
         np.full((4, 4), 0.75, np.float32),
     )
+
+
+def test_merge_threads_from_the_environment(monkeypatch):
+    from ptm.errors import MergeError
+    from ptm.merge import methods as M
+
+    monkeypatch.setenv("PTM_MERGE_THREADS", "3")
+    assert M.merge_threads() == 3
+    monkeypatch.delenv("PTM_MERGE_THREADS")
+    assert 1 <= M.merge_threads() <= 4 and M.merge_threads(1) == 1
+    for bad in ("0", "two"):
+        monkeypatch.setenv("PTM_MERGE_THREADS", bad)
+        with pytest.raises(MergeError, match="PTM_MERGE_THREADS"):
+            M.merge_threads()

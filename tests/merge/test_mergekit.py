@@ -52,6 +52,18 @@ def test_translate_and_errors():
     assert f.weights == [1.0, 1.0] and len(f.overrides) == 1 and f.overrides[0]["weights"] == [2.0, 1.0]
 
 
+def test_karcher_takes_the_base_and_equal_weights():
+    """mergekit 0.1.5's karcher averages every entry, base_model included, with equal weights (its `weight`s have
+    no effect: measured on the 1.1B bench, 99.8 % of elements differed when ptm dropped the base and used them)."""
+    cfg = {"merge_method": "karcher", "base_model": "b",
+           "models": [{"model": "a", "parameters": {"weight": 1.0}}, {"model": "c", "parameters": {"weight": 0.3}}]}
+    with pytest.warns(UserWarning, match="no effect on karcher"):
+        (r,) = mergekit_yaml.translate(cfg)
+    assert r.inputs == {"models": ["b", "a", "c"]} and r.weights == [1.0, 1.0, 1.0]
+    (r,) = mergekit_yaml.translate({"merge_method": "karcher", "base_model": "a", "models": ["a", "c"]})
+    assert r.inputs == {"models": ["a", "c"]} and r.weights == [1.0, 1.0]
+
+
 def _models(tmp_path):
     import torch
     import transformers
@@ -89,6 +101,8 @@ CONFIGS = {
     "nearswap": {"base_model": 1, "models": [{"model": 1}, {"model": 2}], "parameters": {"t": 0.01}},
     "sce": {"base_model": 0, "models": [{"model": 1}, {"model": 2}], "parameters": {"select_topk": 0.5}},
     "karcher": {"models": [{"model": 1}, {"model": 2}]},
+    "karcher-base": {"base_model": 0, "models": [{"model": 1, "parameters": {"weight": 1.0}},
+                                                 {"model": 2, "parameters": {"weight": 0.3}}]},
     "multislerp": {"models": [{"model": 1, "parameters": {"weight": 1.0}},
                               {"model": 2, "parameters": {"weight": 2.0}}]},
     "multislerp-tv": {"base_model": 0, "models": [{"model": 1, "parameters": {"weight": 1.0}},

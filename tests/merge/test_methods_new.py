@@ -171,6 +171,36 @@ def test_formulas(ckpts):
     assert ns[0] == 0 and abs(ns[1] - 0.01) < 1e-6 and abs(ns[2] - 1.001) < 1e-6
 
 
+def test_gram_stats_is_exact():
+    """The Gram methods' statistics from stored-dtype (bf16) pieces of uneven size: the float64 Gram of the float32
+    differences the methods combine (or of the models, without a base), to 1e-12."""
+    import ml_dtypes
+
+    from ptm.merge.methods import spherical
+    from ptm.merge.methods.select import SUB
+
+    rng = np.random.default_rng(1)
+    n = 3 * SUB + 1234
+    pre, *ms = (rng.standard_normal(n).astype(ml_dtypes.bfloat16) for _ in range(4))
+    cuts = [0, 1000, SUB + 7, n]
+
+    def stream(role):
+        def gen():
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                yield {"pre": pre[a:b], role: [m[a:b] for m in ms]}, None
+        return gen
+
+    vs = np.stack([(m.astype(np.float32) - pre.astype(np.float32)).astype(np.float64) for m in ms])
+    want = vs @ vs.T
+    got = [spherical.gram_stats(stream(r), n)["gram"] for r in ("models", "skills")]
+    for g in got:
+        assert g.shape == (3, 3) and np.array_equal(g, g.T)
+        assert np.allclose(g, want, rtol=1e-12, atol=0)
+    plain = spherical.gram_stats(lambda: iter([({"models": ms}, None)]), n)["gram"]  # no base: the models themselves
+    mf = np.stack([m.astype(np.float64) for m in ms])
+    assert np.allclose(plain, mf @ mf.T, rtol=1e-12, atol=0)
+
+
 def test_ties_mergekit_keeps_exactly_k(ckpts):
     """convention mergekit: exactly int(density n) entries of each unit survive the trim, ties by flat index."""
     x = {"pre": np.zeros(10, np.float32), "skills": [np.array([1, 2, 2, 2, 3, -4, 0.5, 2, 5, 1], np.float32)]}

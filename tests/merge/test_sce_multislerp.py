@@ -84,6 +84,56 @@ def test_sce_select_conventions():
         sparse.sce_stats(_stream(x, 8), 8, select_topk=-0.1)
 
 
+@pytest.mark.parametrize("convention", ["ptm", "mergekit"])
+def test_sce_fast_paths_equal_the_plain_formulas(monkeypatch, convention):
+    """Select's kept variances (a unit <= SCE_CACHE entries) give what recomputing them per pass gives, with
+    runs and index arrays and threshold ties; the sub-blocked variance is np.var's bit for bit and Erase with
+    masks by multiplication is the np.sign / np.where formula bit for bit (a NaN takes the plain path)."""
+    rng = np.random.default_rng(3)
+    n, cuts = 70_000, [0, 5_000, 41_000, 70_000]
+    pre = rng.standard_normal(n).astype(np.float32)
+    sk = [pre + np.round(rng.standard_normal(n), 1).astype(np.float32) for _ in range(3)]  # many equal variances
+
+    def stream(runs: bool):
+        def gen():
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                make = lambda a=a, b=b: np.arange(a, b, dtype=np.uint64)  # noqa: E731
+                yield ({"pre": pre[a:b], "skills": [t[a:b] for t in sk]},
+                       M.FlatIndex(make, a if runs else None))
+        return gen
+
+    got = [sparse.sce_stats(stream(r), n, select_topk=0.4, convention=convention) for r in (True, False)]
+    monkeypatch.setattr(sparse, "SCE_CACHE", 0)
+    plain = sparse.sce_stats(stream(False), n, select_topk=0.4, convention=convention)
+    assert got[0] == got[1] == plain
+    taus = [t - pre for t in sk]
+    ref = np.var(np.stack(taus).astype(np.float64), axis=0).astype(np.float32)
+    assert np.array_equal(sparse._sce_var(taus).view(np.uint32), ref.view(np.uint32))
+    keep = sparse._sce_keep(taus, plain["select"], lambda: np.arange(n, dtype=np.uint64))
+    assert 0.3 < keep.mean() < 0.5
+
+    def erase_ref(ts, w):
+        total = sum(ts[1:], ts[0].copy())
+        sign = np.where(total < 0, np.float32(-1), np.float32(1))
+        mixed, div = np.zeros_like(total), np.zeros_like(total)
+        for t, wk in zip(ts, w, strict=True):
+            agree = np.sign(t) == sign
+            mixed += np.where(agree, np.float32(wk) * t, np.float32(0))
+            div += np.where(agree, np.float32(wk), np.float32(0))
+        div[np.abs(div) < 1e-8] = 1
+        return mixed / div
+
+    for bad in (False, True):
+        ts = [t.copy() for t in taus]
+        if bad:
+            ts[1][7] = np.nan
+        masked = [sparse._masked(t, keep) for t in ts]
+        for m, t in zip(masked, ts, strict=True):
+            assert np.array_equal(m, np.where(keep, t, np.float32(0)), equal_nan=True)
+        want = erase_ref([np.where(keep, t, np.float32(0)) for t in ts], plain["weights"])
+        assert np.array_equal(sparse._sce_erase(masked, plain["weights"]).view(np.uint32), want.view(np.uint32))
+
+
 def test_sce_sign_vote_is_unweighted():
     """Erase elects the sign of the plain sum of the selected task vectors (FuseChat; mergekit measured), not
     of the weighted sum: here the weights favour model 2 but model 1's larger entry wins the vote."""

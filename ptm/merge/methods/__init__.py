@@ -22,6 +22,7 @@ from ptm.merge.methods.base import (
     check_options,
     get,
     kth_largest_abs,
+    merge_threads,
     register,
     uniform_from_index,
 )
@@ -37,8 +38,8 @@ from ptm.merge.methods.spherical import (
 
 __all__ = [
     "CONVENTIONS", "REGISTRY", "Context", "FlatIndex", "Method", "Run", "SharedBlock", "as_matrix", "check_options",
-    "dare", "get", "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "model_stock_t",
-    "multislerp_coefficients", "nearswap",
+    "dare", "get", "iso_c", "iso_cts", "kth_largest_abs", "linear", "linear_interpolation", "merge_threads",
+    "model_stock_t", "multislerp_coefficients", "nearswap",
     "register", "slerp_coefficients", "sparse", "spectral", "sphere_mean_coefficients", "spherical", "task_arithmetic",
     "ties", "ties_unit_stats", "tsv", "uniform_from_index", "wise_ft",
 ]

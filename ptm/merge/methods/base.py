@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -41,6 +42,20 @@ def flat_run(fi: Callable[[], np.ndarray] | None, lo: int, hi: int) -> Run | Non
     """Entries lo..hi of a FlatIndex as a Run, or None when it is not one contiguous run."""
     start = getattr(fi, "start", None)
     return Run(start + lo, hi - lo) if start is not None else None
+
+
+def merge_threads(default_max: int = 4) -> int:
+    """Threads a merge may compute on: $PTM_MERGE_THREADS if set, else min(`default_max`, the CPUs)."""
+    v = os.environ.get("PTM_MERGE_THREADS")
+    if not v:
+        return max(1, min(default_max, os.cpu_count() or 1))
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise MergeError(f"PTM_MERGE_THREADS={v!r}: want a positive integer")
+    return n
 
 
 @dataclass
@@ -81,8 +96,9 @@ class Method:
     # "matrix": fn needs a whole unit at once (SVD methods, per-row ranks): the engine hands it the unit's full
     # arrays (a layer slice without the layer axis, or the whole tensor) and takes the piece's part of the result.
     kind: str = "element"
-    # "matrix" only: the unit's arrays come in their stored dtype (e.g. bfloat16) and fn converts what it needs to
-    # float32 itself (DELLA, block by block: a float32 copy of a 32000 x 2048 embedding's inputs is 0.8 GB).
+    # The unit's arrays ("matrix" fn) and unit_stats' stream come in their stored dtype (e.g. bfloat16), and the
+    # method converts what it needs to float32 itself, block by block (DELLA: a float32 copy of a 32000 x 2048
+    # embedding's inputs is 0.8 GB; the Gram methods: whole-piece conversions cost 3x their sums).
     stored_dtype_units: bool = False
     mergekit_defaults: dict[str, Any] = field(default_factory=dict)  # options whose mergekit default differs
 

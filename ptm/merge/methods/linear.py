@@ -90,11 +90,23 @@ def linear(x: Arrays, w: list[float], ctx: Context, normalize: bool = False) -> 
 def nearswap(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:
     """Per element, lerp base -> other by clamp(t / |base - other|, 0, 1) (1 where they are equal)."""
     a, b = x["models"]
-    d = np.abs(a - b)
+    t = _f32(w[0])
+    d = np.abs(np.subtract(a, b, dtype=np.float32))
+    if t < 0:  # t / 0 = -inf would clip to 0 where the rule says 1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lw = np.where(d != 0, t / d, np.float32(1))
+        lw = np.clip(np.nan_to_num(lw, nan=1.0, posinf=1.0, neginf=1.0), 0, 1).astype(np.float32)
+        return a * (np.float32(1) - lw) + b * lw
+    # In place, the same float32 operations: t / d is in [0, inf] or NaN (0 / 0, a NaN input), and fmin maps
+    # inf and NaN to 1 as the rule (and mergekit's clamp after nan_to_num) does.
     with np.errstate(divide="ignore", invalid="ignore"):
-        lw = np.where(d != 0, _f32(w[0]) / d, np.float32(1))
-    lw = np.clip(np.nan_to_num(lw, nan=1.0, posinf=1.0, neginf=1.0), 0, 1).astype(np.float32)
-    return a * (np.float32(1) - lw) + b * lw
+        lw = np.divide(t, d, out=d)
+    np.fmin(lw, np.float32(1), out=lw)
+    out = np.subtract(np.float32(1), lw)
+    np.multiply(a, out, out=out)
+    np.multiply(b, lw, out=lw)
+    out += lw
+    return out
 
 
 def passthrough(x: Arrays, w: list[float], ctx: Context) -> np.ndarray:

@@ -4,7 +4,6 @@ entries, optionally elect signs), with whole-unit statistics so a sharded merge 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +31,7 @@ from ptm.merge.methods.base import (
     ge_mask,
     keep_mask,
     kth_largest_abs,
+    merge_threads,
     register,
     uniform_from_index,
 )
@@ -320,7 +320,7 @@ def dare_ties(x: Arrays, w: list[float], ctx: Context, drop_rate: Any = 0.1, nor
 
 
 DELLA_BLOCK = 1 << 20  # entries per row block of DELLA's per-row ranking
-DELLA_THREADS = min(4, os.cpu_count() or 1)  # threads over the row blocks of a unit
+DELLA_THREADS = merge_threads()  # threads over the row blocks of a unit
 
 
 def _della_probs(a: np.ndarray, density: float, epsilon: float) -> np.ndarray:
@@ -397,10 +397,37 @@ def _della(consensus: bool):
     return fn
 
 
+SCE_CACHE = 1 << 26  # entries: a unit up to this size keeps its float32 variances between Select's passes
+
+
 def _sce_var(taus: list[np.ndarray]) -> np.ndarray:
     """Per position, the variance of the task vectors across models (float64 sums, float32 result: equal
-    variances in exact arithmetic stay equal, so threshold ties are real ties)."""
-    return np.var(np.stack(taus).astype(np.float64), axis=0).astype(np.float32)
+    variances in exact arithmetic stay equal, so threshold ties are real ties). The operations of
+    `np.var(np.stack(taus).astype(np.float64), axis=0)` in its order (rows summed in turn, the mean, the squared
+    deviations summed in turn, divided by k), bit for bit, on cache-sized sub-blocks: 5x faster than np.var's
+    whole-piece float64 temporaries (measured)."""
+    k, shape = len(taus), taus[0].shape
+    flat = [np.ascontiguousarray(t).reshape(-1) for t in taus]
+    n = flat[0].size
+    out = np.empty(n, np.float32)
+    mean, dev, acc = (np.empty(min(SUB, n)) for _ in range(3))
+    for sl in sub_blocks(n):
+        m = sl.stop - sl.start
+        mn, dv, ac = mean[:m], dev[:m], acc[:m]
+        mn[...] = flat[0][sl]
+        for t in flat[1:]:
+            np.add(mn, t[sl], out=mn)
+        np.true_divide(mn, k, out=mn)
+        for i, t in enumerate(flat):
+            np.subtract(t[sl], mn, out=dv)
+            np.multiply(dv, dv, out=dv)
+            if i == 0:
+                ac[...] = dv
+            else:
+                np.add(ac, dv, out=ac)
+        np.true_divide(ac, k, out=ac)
+        out[sl] = ac
+    return out.reshape(shape)
 
 
 def sce_stats(stream, numel: int, select_topk: float = 1.0, convention: str = "ptm", **_: Any) -> dict[str, Any]:
@@ -413,9 +440,16 @@ def sce_stats(stream, numel: int, select_topk: float = 1.0, convention: str = "p
     if select_topk < 0:
         raise MergeError(f"sce: select_topk must be >= 0 (got {select_topk})")
 
+    # The unit's variances, computed once and kept for Select's passes when they fit (float32, <= 256 MB),
+    # else recomputed per pass from the stream; (flat variances, flat index) per piece in stream order.
+    kept = [(_sce_var(_taus(x)).reshape(-1), idx) for x, idx in stream()] if (
+        select_topk < 1.0 and numel <= SCE_CACHE) else None
+
+    def var_pieces() -> Iterable[tuple[np.ndarray, Any]]:
+        return iter(kept) if kept is not None else ((_sce_var(_taus(x)).reshape(-1), idx) for x, idx in stream())
+
     def var_blocks() -> Iterable[np.ndarray]:
-        for x, _ in stream():
-            yield _sce_var(_taus(x))
+        return (v for v, _ in var_pieces())
 
     sel: tuple[float, int] | None = None  # (threshold, flat-index cutoff among ties; -1: keep every tie)
     if select_topk < 1.0:
@@ -424,37 +458,60 @@ def sce_stats(stream, numel: int, select_topk: float = 1.0, convention: str = "p
         if k == 0:
             sel = (math.inf, -1)
         else:
-            thr = kth_largest_abs(var_blocks, k)
+            # the k-th largest of all numel variances is the k-th largest nonzero one (k <= n)
+            thr = kth_largest_abs(var_blocks, k, numel if kept is not None else None)
             sel = (thr, -1)
             if convention == "mergekit":
                 n_gt, ties_idx = 0, []
-                for x, idx in stream():
-                    v = _sce_var(_taus(x))
-                    n_gt += int((v > np.float32(thr)).sum())
-                    ties_idx.append(idx().reshape(v.shape)[v == np.float32(thr)].ravel())
+                for v, idx in var_pieces():
+                    n_gt += int(np.count_nonzero(v > np.float32(thr)))
+                    eq = np.flatnonzero(v == np.float32(thr))
+                    start = getattr(idx, "start", None)
+                    ties_idx.append(eq.astype(np.uint64) + np.uint64(start) if start is not None
+                                    else idx().reshape(-1)[eq])
                 t = np.sort(np.concatenate(ties_idx))
                 sel = (thr, int(t[k - n_gt - 1]))
     ss = None
+    cached = iter(kept) if kept is not None else None
     for x, idx in stream():
         taus = _taus(x)
-        keep = _sce_keep(taus, sel, idx)
-        v = np.array([float(np.square(np.where(keep, t, 0) if keep is not None else t, dtype=np.float64).sum())
+        keep = _sce_keep(taus, sel, idx, next(cached)[0] if cached is not None else None)
+        v = np.array([float(np.square(_masked(t, keep) if keep is not None else t, dtype=np.float64).sum())
                       for t in taus])
         ss = v if ss is None else ss + v
     tot = float(ss.sum())
     return {"select": sel, "weights": list(ss / tot) if tot > 0 else [1.0 / len(ss)] * len(ss)}
 
 
-def _sce_keep(taus: list[np.ndarray], sel: tuple[float, int] | None, idx: Callable[[], np.ndarray]
-              ) -> np.ndarray | None:
-    """The Select mask of a piece (None: everything kept)."""
+def _finite(t: np.ndarray) -> bool:
+    return bool(np.isfinite(t).all())
+
+
+def _masked(t: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """np.where(keep, t, 0) (float32): as t * keep when t is finite (5x faster; -0 for dropped negative entries,
+    which every later sum and sign test treats as 0)."""
+    return np.multiply(t, keep, dtype=np.float32) if _finite(t) else np.where(keep, t, np.float32(0))
+
+
+def _sce_keep(taus: list[np.ndarray], sel: tuple[float, int] | None, idx: Callable[[], np.ndarray],
+              var: np.ndarray | None = None) -> np.ndarray | None:
+    """The Select mask of a piece (None: everything kept); `var`: the piece's variances if known."""
     if sel is None:
         return None
     thr, cut = sel
-    v = _sce_var(taus)
+    v = (_sce_var(taus) if var is None else var).reshape(taus[0].shape)
     if cut < 0:
         return v >= np.float32(thr)
-    return (v > np.float32(thr)) | ((v == np.float32(thr)) & (idx().reshape(v.shape) <= np.uint64(cut)))
+    eq = v == np.float32(thr)
+    start = getattr(idx, "start", None)
+    if start is not None:  # a contiguous run: flat index <= cut is local position <= cut - start
+        if cut < start:
+            eq[...] = False
+        elif cut - start < eq.size:
+            eq.reshape(-1)[cut - start + 1:] = False
+    else:
+        eq &= idx().reshape(v.shape) <= np.uint64(cut)
+    return (v > np.float32(thr)) | eq
 
 
 def sce(x: Arrays, w: list[float], ctx: Context, select_topk: float = 1.0, lambda_: float = 1.0,
@@ -465,7 +522,7 @@ def sce(x: Arrays, w: list[float], ctx: Context, select_topk: float = 1.0, lambd
     taus = _taus(x)
     keep = _sce_keep(taus, ctx.unit["select"], lambda: _flat(ctx, taus[0]))
     if keep is not None:
-        taus = [np.where(keep, t, np.float32(0)) for t in taus]
+        taus = [_masked(t, keep) for t in taus]
     return x["pre"] + _f32(lambda_) * _sce_erase(taus, ctx.unit["weights"])
 
 
@@ -477,15 +534,25 @@ def _sce_erase(taus: list[np.ndarray], w: list[float]) -> np.ndarray:
     total = np.zeros_like(taus[0])
     for t in taus:
         total += t
-    sign = np.where(total < 0, np.float32(-1), np.float32(1))
     mixed = np.zeros_like(total)
     divisor = np.zeros_like(total)
-    for t, wk in zip(taus, w, strict=True):
-        agree = np.sign(t) == sign
-        mixed += np.where(agree, _f32(wk) * t, np.float32(0))
-        divisor += np.where(agree, _f32(wk), np.float32(0))
+    if all(w_ >= 0 for w_ in w) and all(_finite(t) for t in taus):
+        # The same sums without np.sign / np.where (~1 ns per entry each, measured): with s = -1 where the sum is
+        # negative else +1, t agrees iff t * s > 0, and multiplying by the 0/1 mask adds wk * t or (+-)0 exactly
+        # as np.where's 0 does (the sums start at +0 and wk >= 0, so no -0 survives).
+        s = np.float32(1) - np.float32(2) * (total < 0)
+        for t, wk in zip(taus, w, strict=True):
+            agree = np.multiply(t, s) > 0
+            mixed += np.multiply(_f32(wk) * t, agree)
+            divisor += np.multiply(_f32(wk), agree, dtype=np.float32)
+    else:
+        sign = np.where(total < 0, np.float32(-1), np.float32(1))
+        for t, wk in zip(taus, w, strict=True):
+            agree = np.sign(t) == sign
+            mixed += np.where(agree, _f32(wk) * t, np.float32(0))
+            divisor += np.where(agree, _f32(wk), np.float32(0))
     divisor[np.abs(divisor) < 1e-8] = 1
-    return mixed / divisor
+    return np.divide(mixed, divisor, out=mixed)
 
 
 for _name, _cons in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
