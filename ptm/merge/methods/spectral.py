@@ -10,7 +10,6 @@ from ptm.merge.methods.base import (
     Context,
     Method,
     _f32,
-    _taus,
     as_matrix,
     register,
 )
@@ -75,69 +74,90 @@ def polar(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _times(a, (q * inv) @ q.T), s
 
 
-def _matrix_taus(x: Arrays) -> tuple[list[np.ndarray], tuple[int, ...], tuple[int, int] | None]:
+def _tau(x: Arrays, k: int) -> np.ndarray:
+    """Task vector k in float32 from the stored-dtype unit (`stored_dtype_units`: a float32 copy of every input of
+    a 32000 x 2048 embedding is 0.8 GB; one task vector at a time is 0.26 GB)."""
+    t = x["skills"][k].astype(np.float32)
+    np.subtract(t, x["pre"], out=t)  # pre is cast in numpy's buffered chunks: no float32 copy of it
+    return t
+
+
+def _total(x: Arrays) -> np.ndarray:
+    """sum_k tau_k in float32, in the order `sum(taus)` adds them."""
+    total = _tau(x, 0)
+    for k in range(1, len(x["skills"])):
+        total += _tau(x, k)
+    return total
+
+
+def _plus_pre(x: Arrays, alpha: float, delta: np.ndarray) -> np.ndarray:
+    """pre + alpha * delta (float32, the unit's shape), in place in delta."""
+    d = np.ascontiguousarray(delta, np.float32).reshape(x["pre"].shape)
+    d *= _f32(alpha)
+    return np.add(d, x["pre"], out=d)
+
+
+def _matrix(x: Arrays) -> tuple[int, int] | None:
     shape = x["pre"].shape
-    taus = [t.astype(np.float32) for t in _taus(x)]
-    return taus, shape, (as_matrix(shape) if len(shape) >= 2 else None)
+    return as_matrix(shape) if len(shape) >= 2 else None
 
 
 def tsv(x: Arrays, w: list[float], ctx: Context, alpha: float = 1.0) -> np.ndarray:
     """TSV-Merge (arXiv 2412.00081): per matrix, SVD of each task vector, keep its top 1/T singular triplets,
     orthogonalise the concatenated U and V (Procrustes), rebuild sum U' S V'^T; vectors take the mean task vector.
     pre + alpha * that."""
-    taus, shape, m2 = _matrix_taus(x)
-    n = len(taus)
+    m2, n = _matrix(x), len(x["skills"])
     if m2 is None or min(m2) < n:
-        return x["pre"] + _f32(alpha) * (sum(taus) / np.float32(n))
+        return _plus_pre(x, alpha, _total(x) / np.float32(n))
     k = max(1, min(m2) // n)
     us, ss, vs = [], [], []
-    for t in taus:
-        u, s, vt = svd(t.reshape(m2), k)
+    for i in range(n):
+        u, s, vt = svd(_tau(x, i).reshape(m2), k)
         us.append(u), ss.append(s), vs.append(vt.T)
     u, s, v = polar(np.concatenate(us, 1))[0], np.concatenate(ss), polar(np.concatenate(vs, 1))[0]
-    delta = (u * s.astype(np.float32)) @ v.T  # float32 GEMM: the factors are float32-exact already
-    return x["pre"] + _f32(alpha) * delta.reshape(shape).astype(np.float32)
+    return _plus_pre(x, alpha, (u * s.astype(np.float32)) @ v.T)  # float32 GEMM: the factors are float32-exact
 
 
 def iso_c(x: Arrays, w: list[float], ctx: Context, alpha: float = 1.0) -> np.ndarray:
     """Iso-C (arXiv 2502.04959): SVD of the summed task vector U S V^T, flatten the spectrum to its mean:
     pre + alpha * mean(S) U V^T per matrix (vectors: pre + alpha * sum tau)."""
-    taus, shape, m2 = _matrix_taus(x)
-    total = sum(taus)
+    m2, total = _matrix(x), _total(x)
     if m2 is None:
-        return x["pre"] + _f32(alpha) * total
+        return _plus_pre(x, alpha, total)
     pol, s = polar(total.reshape(m2))  # U V^T and S of the summed task vector from one eigendecomposition
-    delta = np.float32(s.mean()) * pol
-    return x["pre"] + _f32(alpha) * delta.reshape(shape).astype(np.float32)
+    del total
+    pol *= np.float32(s.mean())
+    return _plus_pre(x, alpha, pol)
 
 
 def iso_cts(x: Arrays, w: list[float], ctx: Context, alpha: float = 1.0, common_fraction: float = 0.8) -> np.ndarray:
     """Iso-CTS (arXiv 2502.04959): the top `common_fraction` of the summed task vector's singular directions, plus
     for each task the top (1 - common_fraction)/T directions of its task vector with the common subspace
     projected out; orthogonalise U and V, flatten the spectrum to the mean singular value."""
-    taus, shape, m2 = _matrix_taus(x)
-    n = len(taus)
-    total = sum(taus)
+    m2, n, total = _matrix(x), len(x["skills"]), _total(x)
     if m2 is None:
-        return x["pre"] + _f32(alpha) * total
+        return _plus_pre(x, alpha, total)
     r = min(m2)
     k_cm = max(1, int(common_fraction * r))
     k_t = (r - k_cm) // n
     ucm, scm, vcmt = svd(total.reshape(m2), k_cm)
+    del total
     vcm = vcmt.T
     us, ss, vs = [ucm], [scm], [vcm]
     if k_t > 0:
-        for t in taus:
-            t2 = t.reshape(m2)
+        for i in range(n):
+            t2 = _tau(x, i).reshape(m2)
             t2 = t2 - ucm @ (ucm.T @ t2)
             ut, st, vtt = svd(t2, k_t)
             us.append(ut), ss.append(st), vs.append(vtt.T)
     uu, vv = polar(np.concatenate(us, 1))[0], polar(np.concatenate(vs, 1))[0]
-    delta = np.float32(np.concatenate(ss).mean()) * (uu @ vv.T)
-    return x["pre"] + _f32(alpha) * delta.reshape(shape).astype(np.float32)
+    delta = uu @ vv.T
+    delta *= np.float32(np.concatenate(ss).mean())
+    return _plus_pre(x, alpha, delta)
 
 
-register(Method("tsv", tsv, _GTA, (), "none", {"alpha": 1.0}, kind="matrix", doc="TSV-Merge, per matrix"))
-register(Method("iso_c", iso_c, _GTA, (), "none", {"alpha": 1.0}, kind="matrix", doc="Iso-C, per matrix"))
-register(Method("iso_cts", iso_cts, _GTA, (), "none", {"alpha": 1.0, "common_fraction": 0.8}, kind="matrix",
+_UNITS = {"kind": "matrix", "stored_dtype_units": True}
+register(Method("tsv", tsv, _GTA, (), "none", {"alpha": 1.0}, **_UNITS, doc="TSV-Merge, per matrix"))
+register(Method("iso_c", iso_c, _GTA, (), "none", {"alpha": 1.0}, **_UNITS, doc="Iso-C, per matrix"))
+register(Method("iso_cts", iso_cts, _GTA, (), "none", {"alpha": 1.0, "common_fraction": 0.8}, **_UNITS,
                 doc="Iso-CTS, per matrix"))
