@@ -253,13 +253,6 @@ def _run_start(region: tuple[slice, ...], shape: tuple[int, ...]) -> int | None:
     return sum(s.start * math.prod(shape[i + 1:]) for i, s in enumerate(region))
 
 
-def _run_of(region: tuple[slice, ...], shape: tuple[int, ...]) -> int | None:
-    """The first flat index of `region` when its elements are one contiguous run of the tensor (a whole tensor,
-    one layer of a stacked one), else None: methods then index parts of it without the whole index array."""
-    runs = W.contiguous_runs(shape, region, itemsize=1 << 30)
-    return runs[0][0] if runs is not None and len(runs[0]) == 1 else None
-
-
 def _flat_index(region: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
     """Global C-order flat indices (uint64) of the elements of `region`, shaped like it."""
     if not shape:
@@ -351,7 +344,7 @@ class _Combiner:
             x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
             ctx = M.Context(name=name, seed=j.recipe.seed, stats=self.stats.get((ji, name), {}),
                             flat_index=M.FlatIndex(lambda: _flat_index(region, info.shape).reshape(ushape),
-                                                   _run_of(region, info.shape)),
+                                                   _run_start(region, info.shape)),
                             unit=self.unit_stats.get(key, {}), layer=layer, n_layers=self.plan.n_layers)
             res = np.asarray(j.method.fn(x, ws, ctx, **j.opts), dtype=np.float32)
             if res.shape != ushape:
