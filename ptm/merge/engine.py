@@ -312,17 +312,20 @@ class _Combiner:
                     self._unit_stream(j, name, region), math.prod(s.stop - s.start for s in region),
                     seed=j.recipe.seed, name=name, **j.opts)
 
+    def _read_unit(self, j: _Job, name: str, index: tuple[slice, ...]) -> dict[int, np.ndarray]:
+        """Each input the job uses, at `index`: float32, or the stored dtype for `stored_dtype_units` methods."""
+        used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
+        arr = {i: self.plan.stores[i].read(name, index) for i in used}
+        return arr if j.method.stored_dtype_units else {i: a.astype(np.float32) for i, a in arr.items()}
+
     def _unit_stream(self, j: _Job, name: str, region: tuple[slice, ...]) -> Callable[[], Iterator[Any]]:
         """A restartable stream of (x, flat_index) over the pieces of one unit, x as the method's fn gets it."""
         shape = self.plan.infos[name].shape
         chunk = piece_shape(tuple(s.stop - s.start for s in region))
-        used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
-        keep = j.method.stored_dtype_units
 
         def gen() -> Iterator[Any]:
             for p in pieces(region, chunk):
-                arr = {i: self.plan.stores[i].read(name, p) for i in used}
-                arr = arr if keep else {i: a.astype(np.float32) for i, a in arr.items()}
+                arr = self._read_unit(j, name, p)
                 x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
                 yield x, M.FlatIndex(lambda p=p: _flat_index(p, shape), _run_start(p, shape))
 
@@ -337,10 +340,7 @@ class _Combiner:
             info = self.plan.infos[name]
             stacked = tree.is_stacked_layer(name) and len(info.shape) > 0
             ushape = info.shape[1:] if stacked else info.shape
-            used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
-            keep = j.method.stored_dtype_units
-            arr = {i: self.plan.stores[i].read(name, region) for i in used}
-            arr = {i: (a if keep else a.astype(np.float32)).reshape(ushape) for i, a in arr.items()}
+            arr = {i: a.reshape(ushape) for i, a in self._read_unit(j, name, region).items()}
             x = {k: ([arr[i] for i in v] if isinstance(v, list) else arr[v]) for k, v in j.roles.items()}
             ctx = M.Context(name=name, seed=j.recipe.seed, stats=self.stats.get((ji, name), {}),
                             flat_index=M.FlatIndex(lambda: _flat_index(region, info.shape).reshape(ushape),

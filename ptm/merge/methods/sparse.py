@@ -520,7 +520,8 @@ def sce(x: Arrays, w: list[float], ctx: Context, select_topk: float = 1.0, lambd
     from mean tau^2, Erase by sign election; pre + lambda * (sum of agreeing weighted taus / sum of their
     weights). `convention` only changes Select (sce_stats)."""
     taus = _taus(x)
-    keep = _sce_keep(taus, ctx.unit["select"], lambda: _flat(ctx, taus[0]))
+    idx = ctx.flat_index if ctx.flat_index is not None else (lambda: _flat(ctx, taus[0]))  # a run: no index array
+    keep = _sce_keep(taus, ctx.unit["select"], idx)
     if keep is not None:
         taus = [_masked(t, keep) for t in taus]
     return x["pre"] + _f32(lambda_) * _sce_erase(taus, ctx.unit["weights"])
