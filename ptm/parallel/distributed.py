@@ -21,11 +21,15 @@ from dataclasses import dataclass
 import jax
 
 from ptm.errors import ConfigError
+from ptm.parallel.cluster_env import (  # noqa: F401  (re-exported: the variables are part of this API)
+    ENV_COORDINATOR,
+    ENV_NUM_PROCESSES,
+    ENV_PROCESS_ID,
+    ENV_TPU_VM,
+    on_tpu_vm,
+)
+from ptm.parallel.cluster_env import env_int as _env_int
 
-ENV_COORDINATOR = "PTM_COORDINATOR"
-ENV_NUM_PROCESSES = "PTM_NUM_PROCESSES"
-ENV_PROCESS_ID = "PTM_PROCESS_ID"
-ENV_TPU_VM = "PTM_TPU_VM"  # "1" forces, "0" disables TPU VM auto-detection
 # Seconds without heartbeats after which the coordination service declares a process dead and aborts all the
 # others (fail fast after a SIGKILL or preemption instead of hanging in the next collective).
 ENV_HEARTBEAT_TIMEOUT = "PTM_HEARTBEAT_TIMEOUT"
@@ -43,24 +47,6 @@ class ProcessInfo:
     @property
     def is_coordinator(self) -> bool:
         return self.process_id == 0
-
-
-def on_tpu_vm() -> bool:
-    """True on a Cloud TPU VM worker: TPU device nodes exist (v2-v4 `/dev/accel*`, v5+ `/dev/vfio/N`)."""
-    forced = os.environ.get(ENV_TPU_VM)
-    if forced is not None:
-        return forced == "1"
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
-
-
-def _env_int(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from e
 
 
 def _backends_started() -> bool:

@@ -216,3 +216,30 @@ def test_layer_cosines(ckpts):
     assert isinstance(diff(paths["s1"], paths["s2"]).total_cos, float)
     with pytest.raises(PtmError):
         diff(paths["s1"], "/nonexistent")
+
+
+def test_single_process_merge_does_not_import_jax(tmp_path):
+    """`ptm merge` on one host never imports jax (0.6-1 s of a 1B merge's start-up); PTM_* variables, as on a
+    cluster, take the distributed path, which with one process merges the same bits."""
+    import subprocess
+    import sys
+
+    paths = {}
+    for i, n in enumerate(("pre", "general", "s1")):
+        rng = np.random.default_rng(i)
+        t = {f"model.layers.{k}.mlp.up_proj.weight": rng.standard_normal((8, 4)).astype(BF16) for k in range(2)}
+        paths[n] = save_safetensors(tmp_path / n, {**t, "model.embed_tokens.weight": np.ones((10, 4), BF16)})
+    prog = ("import sys; from ptm import cli; rc = cli.main(sys.argv[1:]); "
+            "print('jax' in sys.modules); sys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PTM_")}
+    outs = {}
+    for case, extra in (("plain", {"PTM_TPU_VM": "0"}), ("cluster-env", {"PTM_TPU_VM": "0", "PTM_NUM_PROCESSES": "1"})):
+        out = tmp_path / f"out-{case}"
+        r = subprocess.run([sys.executable, "-c", prog, "merge", "--method", "task_arithmetic", "--pre", paths["pre"],
+                            "--general", paths["general"], "--skill", paths["s1"], "--omega", "0.3", "--out",
+                            str(out), "--no-progress"], env={**env, **extra}, capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        assert r.returncode == 0, r.stderr
+        outs[case] = (r.stdout.strip().splitlines()[-1], (out / "model.safetensors").read_bytes())
+    assert outs["plain"][0] == "False" and outs["cluster-env"][0] == "True"
+    assert outs["plain"][1] == outs["cluster-env"][1] and len(outs["plain"][1]) > 100

@@ -23,17 +23,19 @@ from ptm.merge.methods.base import (
     _vectors,
     register,
 )
-from ptm.merge.methods.select import SUB, sub_blocks
+from ptm.merge.methods.select import sub_blocks
+
+GRAM_SUB = 1 << 17  # entries per sub-block of the Gram pass (32K: ~10 % more wall, per-call overhead)
 
 
 def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, **_: Any) -> dict[str, Any]:
     """Gram matrix G_ij = <v_i, v_j> of the unit's vectors (the models, or their differences from `pre`), summed
-    in float64 over cache-sized sub-blocks. The stream gives the stored dtype (`stored_dtype_units`): converting
-    whole pieces to float32 and then float64 cost ~3x the sums themselves. One thread: two were slower on this
-    2-core machine (2.6-3.0 against 2.2 ns per entry, memory-bound)."""
+    in float64 over sub-blocks of GRAM_SUB entries. The stream gives the stored dtype (`stored_dtype_units`):
+    converting whole pieces to float32 and then float64 cost ~3x the sums themselves. One thread: two were
+    slower on this 2-core machine (2.6-3.0 against 2.2 ns per entry, memory-bound)."""
     g: np.ndarray | None = None
     f32 = p32 = t64 = None
-    # OpenBLAS threads a 32K dot itself: 2x the CPU for 1.3x less wall (measured)
+    # OpenBLAS threads a sub-block's dot itself: 2x the CPU for 1.3x less wall (measured)
     with threadpool_limits(1, user_api="blas"):
         for x, _ in stream():
             ms = [np.ascontiguousarray(m).reshape(-1) for m in (x["models"] if "models" in x else x["skills"])]
@@ -41,8 +43,9 @@ def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, *
             k = len(ms)
             if g is None:
                 g = np.zeros((k, k))
-                f32, p32, t64 = np.empty((k, SUB), np.float32), np.empty(SUB, np.float32), np.empty((k, SUB))
-            for sl in sub_blocks(ms[0].size):
+                f32, p32 = np.empty((k, GRAM_SUB), np.float32), np.empty(GRAM_SUB, np.float32)
+                t64 = np.empty((k, GRAM_SUB))
+            for sl in sub_blocks(ms[0].size, GRAM_SUB):
                 m = sl.stop - sl.start
                 f = f32[:, :m]
                 for i, a in enumerate(ms):
@@ -61,9 +64,16 @@ def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, *
 
 
 def _combine_linear(base: np.ndarray | None, vs: list[np.ndarray], coef: np.ndarray) -> np.ndarray:
-    out = np.zeros_like(vs[0]) if base is None else np.array(base, dtype=np.float32, copy=True)
+    """base + sum_i coef_i vs_i in float32, in place; without a base the first term starts the sum (no zero fill;
+    as in torch, a sum of -0.0 terms stays -0.0)."""
+    terms = list(zip(vs, coef, strict=True))
+    if base is None:
+        v0, c0 = terms.pop(0)
+        out = np.multiply(np.float32(c0), v0, dtype=np.float32)
+    else:
+        out = np.array(base, dtype=np.float32, copy=True)
     tmp = np.empty_like(out)
-    for v, c in zip(vs, coef, strict=True):
+    for v, c in terms:
         out += np.multiply(np.float32(c), v, out=tmp)
     return out
 
