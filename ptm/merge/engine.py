@@ -42,7 +42,7 @@ from ptm.merge import recipe as R
 from ptm.merge import vocab as merge_vocab
 
 PIECE_BYTES = 16 << 20  # float32 bytes of one piece (= one output chunk)
-BLOCK = 1 << 18  # elements per block of the inner loop: 1 MiB of float32 (32K cost ~20 % more wall in Python overhead)
+BLOCK = 1 << 18  # elements per block of the inner loop, 1 MiB of float32 (32K: up to 20 % more wall, Python overhead)
 
 
 # ------------------------------------------------------------------------------------------------- planning

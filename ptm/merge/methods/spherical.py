@@ -25,7 +25,7 @@ from ptm.merge.methods.base import (
 )
 from ptm.merge.methods.select import sub_blocks
 
-GRAM_SUB = 1 << 17  # entries per sub-block of the Gram pass (32K: ~10 % more wall, per-call overhead)
+GRAM_SUB = 1 << 17  # entries per sub-block of the Gram pass (32K: a few % more wall in per-call overhead)
 
 
 def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, **_: Any) -> dict[str, Any]:
