@@ -80,6 +80,10 @@ class InputStore:
         """Start reading; returns an object with `.result()`, so reads overlap with compute."""
         raise NotImplementedError
 
+    def reads_are_views(self, name: str) -> bool:
+        """Whether reads of `name` are views of memory-mapped local files (no decode, no buffer held)."""
+        return False
+
     def keys(self, name: str) -> list[dict[str, Any]] | None:
         """Orbax key metadata of `name` (to mirror an input's tree structure), if any."""
         return None
@@ -254,6 +258,10 @@ class OrbaxStore(InputStore):
         """The tensors served from mapped files (the rest are read through tensorstore)."""
         self.tensors()
         return sorted(self._mapped)
+
+    def reads_are_views(self, name: str) -> bool:
+        self.tensors()
+        return name in self._mapped
 
     def _cell_of(self, name: str, index: Index) -> tuple[tuple[int, ...], Index] | None:
         """The chunk-grid cell holding all of `index` and the index inside it, or None if it spans cells."""
@@ -472,6 +480,9 @@ class SafetensorsStore(InputStore):
         return np.frombuffer(self._maps[e.file], dtype=e.info.dtype, count=n, offset=e.start).reshape(
             e.info.shape
         )
+
+    def reads_are_views(self, name: str) -> bool:
+        return not self._gcs
 
     def read_async(self, name: str, index: Index):
         e = self._entries[name]

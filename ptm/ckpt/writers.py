@@ -37,9 +37,18 @@ def chunk_shape(shard: Sequence[int], itemsize: int, target_bytes: int) -> tuple
         if math.prod(chunk) * itemsize <= target_bytes:
             break
         rest = math.prod(chunk[ax + 1 :]) * itemsize
-        fits = [d for d in range(1, chunk[ax] + 1) if chunk[ax] % d == 0 and d * rest <= target_bytes]
-        chunk[ax] = max(fits) if fits else 1
+        chunk[ax] = _largest_divisor(chunk[ax], target_bytes // rest)
     return tuple(max(c, 1) for c in chunk)
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of `n` that is at most `cap`, else 1 (pairs up to sqrt(n): called for every unit)."""
+    best, i = 1, 1
+    while i * i <= n:
+        if n % i == 0:
+            best = max([best, *(d for d in (i, n // i) if d <= cap)])
+        i += 1
+    return best
 
 
 

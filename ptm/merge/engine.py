@@ -18,12 +18,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,6 +274,29 @@ def _flat_index(region: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray
     return out
 
 
+@functools.cache
+def _inf_bits(d: np.dtype) -> tuple[np.dtype, Any, Any] | None:
+    """(unsigned dtype of d's size, mask of all bits but the sign, bits of +inf) for a float dtype, else None:
+    x is finite iff (x.view(u) & mask) < inf, ~5x cheaper than np.isfinite on bf16/f16."""
+    if d.name not in ("bfloat16", "float16", "float32", "float64"):
+        return None
+    u = np.dtype(f"u{d.itemsize}")
+    return u, u.type((1 << (8 * d.itemsize - 1)) - 1), np.array(np.inf, d).view(u)[()]
+
+
+def _finite(stored: np.ndarray, f32: np.ndarray) -> bool:
+    """Whether a block read (`stored`, contiguous) and its float32 copy `f32` are all finite: tested on the
+    stored bits where float32 holds the values exactly, else on the copy (float64 may overflow float32)."""
+    bits = _inf_bits(stored.dtype) if stored.dtype.itemsize <= 4 else None
+    if bits is None:
+        return bool(np.isfinite(f32).all()) if stored.dtype.kind in "fcV" else True
+    return bool((stored.view(bits[0]) & bits[1]).max() < bits[2]) if stored.size else True
+
+
+class _Closed(Exception):
+    """Raised in the statistics thread once the merge has stopped."""
+
+
 class _Combiner:
     """Combines the pieces of one tensor for every job (recipe) of a plan."""
 
@@ -282,13 +308,60 @@ class _Combiner:
         self._units: dict[tuple[int, str, int | None], np.ndarray] = {}  # matrix methods' results, current tensor
         self._bufs = [np.empty(BLOCK, np.float32) for _ in plan.stores]
         self._shared = M.SharedBlock(BLOCK)  # work that the jobs of one pass share (methods' fast paths)
+        self._has_stats = any(j.method.stats is not None or j.method.unit_stats is not None for j in plan.jobs)
+        # Stores are not thread-safe (caches, lazily opened files): every read is started under this lock.
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[str, Future] = {}
 
-    def tensor_stats(self, name: str) -> None:
-        """Per-tensor statistics (TIES thresholds) over the *whole* tensor, so every shard uses the same
-        ones."""
+    def read_async(self, si: int, name: str, index: tuple[slice, ...]) -> Any:
+        """Start reading piece `index` of tensor `name` from input `si` (`.result()` gives the array)."""
+        if self._closing.is_set():
+            raise _Closed
+        with self._lock:
+            return self.plan.stores[si].read_async(name, index)
+
+    def read(self, si: int, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.read_async(si, name, index).result()
+
+    def tensor_stats(self, name: str, then: str | None = None) -> None:
+        """Install the per-tensor and per-unit statistics of `name` (computed ahead if `then` was `name` in the
+        previous call), then start computing those of the next tensor `then` in a second thread."""
+        fut = self._ahead.pop(name, None)
+        stats, units = fut.result() if fut is not None else self._stats_of(name)
+        self.stats.update(stats)
+        self._units.clear()
+        self.unit_stats = units
+        if then is not None and self._has_stats and self._views(then):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="ptm-merge-stats")
+            self._ahead[then] = self._pool.submit(self._stats_of, then)
+
+    def _views(self, name: str) -> bool:
+        """Whether every input serves `name` as views of mapped files. Only then are statistics computed ahead:
+        it costs no buffers (the memory bound holds), and decoded inputs keep their read-ahead chunk cache."""
+        return all(s.reads_are_views(name) for s in self.plan.stores)
+
+    def close(self) -> None:
+        """Stop the statistics thread (a running computation ends at its next read)."""
+        self._closing.set()
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _stats_of(self, name: str) -> tuple[dict[tuple[int, str], dict[str, Any]],
+                                             dict[tuple[int, str, int | None], dict[str, Any]]]:
+        """Per-tensor statistics (TIES thresholds) over the *whole* tensor, so every shard uses the same ones,
+        and each unit's (SLERP's Gram matrix). A function of the inputs only: computing it in another thread,
+        or ahead, gives the same bits."""
         info = self.plan.infos[name]
         full = _norm_index((), info.shape)
         chunk = piece_shape(info.shape)
+        stats, units = {}, {}
         for ji, j in enumerate(self.plan.jobs):
             if j.method.stats is None:
                 continue
@@ -297,27 +370,26 @@ class _Combiner:
             def taus(k: int, pre=pre, skills=skills) -> Callable[[], Iterator[np.ndarray]]:
                 def gen() -> Iterator[np.ndarray]:
                     for p in pieces(full, chunk):
-                        a = self.plan.stores[skills[k]].read(name, p).astype(np.float32)
-                        a -= self.plan.stores[pre].read(name, p)
+                        a = self.read(skills[k], name, p).astype(np.float32)
+                        a -= self.read(pre, name, p)
                         yield a
 
                 return gen
 
-            self.stats[(ji, name)] = j.method.stats(taus, len(skills), math.prod(info.shape), **j.opts)
-        self._units.clear()
-        self.unit_stats = {k: v for k, v in self.unit_stats.items() if k[1] == name}
+            stats[(ji, name)] = j.method.stats(taus, len(skills), math.prod(info.shape), **j.opts)
         for ji, j in enumerate(self.plan.jobs):
             if j.method.unit_stats is None:
                 continue
             for layer, region in _units(name, info.shape):
-                self.unit_stats[(ji, name, layer)] = j.method.unit_stats(
+                units[(ji, name, layer)] = j.method.unit_stats(
                     self._unit_stream(j, name, region), math.prod(s.stop - s.start for s in region),
                     seed=j.recipe.seed, name=name, **j.opts)
+        return stats, units
 
     def _read_unit(self, j: _Job, name: str, index: tuple[slice, ...]) -> dict[int, np.ndarray]:
         """Each input the job uses, at `index`: float32, or the stored dtype for `stored_dtype_units` methods."""
         used = sorted({i for v in j.roles.values() for i in (v if isinstance(v, list) else [v])})
-        arr = {i: self.plan.stores[i].read(name, index) for i in used}
+        arr = {i: self.read(i, name, index) for i in used}
         return arr if j.method.stored_dtype_units else {i: a.astype(np.float32) for i, a in arr.items()}
 
     def _unit_stream(self, j: _Job, name: str, region: tuple[slice, ...]) -> Callable[[], Iterator[Any]]:
@@ -365,12 +437,7 @@ class _Combiner:
         outs = [np.empty(pshape, j.out_dtypes[name]) for j in self.plan.jobs]
         # Output pieces can become NaN/Inf although inputs and weights are finite (a huge weight, a float16
         # output). Test on the bits: |x| < inf as unsigned ints, ~5x cheaper than np.isfinite on bf16/f16.
-        fin: list[tuple[np.dtype, Any, Any] | None] = []
-        for j in self.plan.jobs:
-            d = j.out_dtypes[name]
-            u = np.dtype(f"u{d.itemsize}") if d.name in ("bfloat16", "float16", "float32", "float64") else None
-            ok = u is not None and not j.recipe.allow_nonfinite
-            fin.append((u, u.type((1 << (8 * d.itemsize - 1)) - 1), np.array(np.inf, d).view(u)[()]) if ok else None)
+        fin = [None if j.recipe.allow_nonfinite else _inf_bits(j.out_dtypes[name]) for j in self.plan.jobs]
         stacked = tree.is_stacked_layer(name) and len(pshape) > 0
         hf_layer = tree.layer_of(name)
         # Rows with one weight each: one layer per row for stacked tensors, else the whole piece.
@@ -409,7 +476,7 @@ class _Combiner:
                 for si, a in enumerate(src):
                     b = self._bufs[si][:m]
                     b[...] = a[j0:j1]
-                    if self.check_finite and not np.isfinite(b).all():
+                    if self.check_finite and not _finite(a[j0:j1], b):
                         raise MergeError(
                             f"{self.plan.stores[si].path}: tensor {name!r} contains NaN/Inf "
                             "(set allow_nonfinite to merge it anyway)"
@@ -531,8 +598,11 @@ def _memory_bound(plan: Plan, chunks: dict[str, tuple[int, ...]]) -> int:
     biggest = max((math.prod(c) for c in chunks.values()), default=0)
     in_item = max((i.dtype.itemsize for i in plan.infos.values()), default=4)
     out_item = max((d.itemsize for j in plan.jobs for d in j.out_dtypes.values()), default=4)
-    # two pieces of every input in flight, each job's output piece plus up to 4 queued writes, block buffers
-    return biggest * (2 * len(plan.stores) * in_item + 5 * len(plan.jobs) * out_item) + BLOCK * 4 * 8
+    # two pieces of every input in flight, each job's output piece plus up to 4 queued writes, block buffers,
+    # and the statistics thread's float32 copies (a piece of every input and a difference)
+    stats = any(j.method.stats is not None or j.method.unit_stats is not None for j in plan.jobs)
+    return (biggest * (2 * len(plan.stores) * in_item + 5 * len(plan.jobs) * out_item
+                       + stats * (len(plan.stores) + 1) * 4) + BLOCK * 4 * 8)
 
 
 def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, mesh) -> None:
@@ -650,14 +720,15 @@ def merge(
         )
         done_tensors: set[str] = set()
         with _gc_paused():
-            nxt = [s.read_async(work[0][0], work[0][1]) for s in pl.stores] if work else []
+            names = list(dict.fromkeys(n for n, _ in work))
+            following = dict(zip(names, names[1:], strict=False))
+            nxt = [comb.read_async(si, *work[0]) for si in range(len(pl.stores))] if work else []
             for w, (name, idx) in enumerate(work):
                 if w == 0 or work[w - 1][0] != name:
-                    comb.tensor_stats(name)
+                    comb.tensor_stats(name, following.get(name))
                 cur = [f.result() for f in nxt]
                 if w + 1 < len(work):
-                    n2, i2 = work[w + 1]
-                    nxt = [s.read_async(n2, i2) for s in pl.stores]
+                    nxt = [comb.read_async(si, *work[w + 1]) for si in range(len(pl.stores))]
                 outs = comb.combine(name, idx, cur)
                 for j, o in zip(pl.jobs, outs, strict=True):
                     j.writer.write(name, idx, o)
@@ -682,9 +753,11 @@ def merge(
                 j.writer.commit(meta, leader)
         _barrier("ptm-merge-committed")
     except BaseException:
+        comb.close()
         for j in pl.jobs:
             j.writer.abort()
         raise
+    comb.close()
     result = MergeSummary(
         outputs=[j.recipe.out for j in pl.jobs],
         recipes=[j.recipe.to_dict() for j in pl.jobs],
@@ -715,36 +788,44 @@ def merge_to_tree(
     flat: dict[str, Any] = {}
 
     def region(name: str, reg: tuple[slice, ...]) -> np.ndarray:
-        info = pl.infos[name]
         shape = tuple(s.stop - s.start for s in reg)
         out = np.empty(shape, pl.jobs[0].out_dtypes[name])
         for p in pieces(reg, piece_shape(shape)):
-            arrays = [s.read(name, p) for s in pl.stores]
+            arrays = [comb.read(si, name, p) for si in range(len(pl.stores))]
             local = tuple(slice(a.start - r.start, a.stop - r.start) for a, r in zip(p, reg, strict=True))
             out[local] = comb.combine(name, p, arrays)[0]
-        del info
         return out
 
-    for name, info in pl.infos.items():
-        comb.tensor_stats(name)
-        if shardings is None and mesh is None:
-            flat[name] = region(name, _norm_index((), info.shape))
-            continue
-        import jax
-
-        if mesh is not None and shardings is None:
-            sh = default_sharding(mesh, info.shape)
-        elif callable(shardings):
-            sh = shardings(name, info.shape)
-        else:
-            sh = shardings[name]
-        cache: dict[tuple, np.ndarray] = {}
-
-        def cb(idx, name=name, info=info, cache=cache):
-            key = tuple((s.start, s.stop) for s in _norm_index(idx, info.shape))
-            if key not in cache:
-                cache[key] = region(name, _norm_index(idx, info.shape))
-            return cache[key]
-
-        flat[name] = jax.make_array_from_callback(info.shape, sh, cb)
+    names = list(pl.infos)
+    following = dict(zip(names, names[1:], strict=False))
+    try:
+        for name, info in pl.infos.items():
+            comb.tensor_stats(name, following.get(name))
+            flat[name] = _tree_leaf(name, info, region, shardings, mesh)
+    finally:
+        comb.close()
     return tree.nest(flat)
+
+
+def _tree_leaf(name: str, info: S.TensorInfo, region: Callable[[str, tuple[slice, ...]], np.ndarray],
+               shardings: Any, mesh) -> Any:
+    """One merged tensor of `merge_to_tree`: a numpy array, or a jax Array built from its devices' slices."""
+    if shardings is None and mesh is None:
+        return region(name, _norm_index((), info.shape))
+    import jax
+
+    if mesh is not None and shardings is None:
+        sh = default_sharding(mesh, info.shape)
+    elif callable(shardings):
+        sh = shardings(name, info.shape)
+    else:
+        sh = shardings[name]
+    cache: dict[tuple, np.ndarray] = {}
+
+    def cb(idx):
+        key = tuple((s.start, s.stop) for s in _norm_index(idx, info.shape))
+        if key not in cache:
+            cache[key] = region(name, _norm_index(idx, info.shape))
+        return cache[key]
+
+    return jax.make_array_from_callback(info.shape, sh, cb)

@@ -141,6 +141,12 @@ class LayerStack(S.InputStore):
     def keys(self, name: str) -> list[dict[str, Any]] | None:
         return None
 
+    def reads_are_views(self, name: str) -> bool:
+        if name in self._map:  # a layer's own tensor; stacked ones are concatenated copies
+            st, src = self._map[name]
+            return st.reads_are_views(src)
+        return False
+
     def read_async(self, name: str, index: Any):
         info = self._infos[name]
         if name in self._map:

@@ -352,6 +352,11 @@ class VocabView(S.InputStore):
             out[n:] = np.mean(out[:n], axis=0, dtype=np.float32).astype(own.dtype)
         return out if VOCAB_AXIS[name] == 0 else np.ascontiguousarray(out.T)
 
+    def reads_are_views(self, name: str) -> bool:
+        if name not in VOCAB_AXIS or name not in self._infos:
+            return self.inner.reads_are_views(name)
+        return False  # built in memory
+
     def read_async(self, name: str, index: Any):
         if name not in VOCAB_AXIS or name not in self._infos:
             return self.inner.read_async(name, index)

@@ -74,6 +74,7 @@ def test_every_tensor_of_a_training_checkpoint_bit_identical_to_tensorstore(raw_
     infos = fast.tensors()
     assert fast.mapped() == sorted(infos)  # every params array qualifies
     assert ref.mapped() == []
+    assert all(fast.reads_are_views(n) and not ref.reads_are_views(n) for n in infos)
     assert fast._chunk_of["proj.w"] == (8, 256)  # noqa: SLF001 sharded: one chunk per device
     for name, info in infos.items():
         for idx in _indices(info.shape):
@@ -103,6 +104,7 @@ def test_zstd_params_fall_back_to_tensorstore(tmp_path):
     st = S.OrbaxStore(run)
     infos = st.tensors()
     assert st.mapped() == []  # zstd: nothing is raw
+    assert not any(st.reads_are_views(n) for n in infos)
     ref = S.OrbaxStore(_save(tmp_path / "raw"), mapped=False)
     for name in infos:
         assert _same(st.read(name, ()), ref.read(name, ()))
@@ -230,6 +232,7 @@ def test_gcs_checkpoint_reads_through_tensorstore(gcs_bucket, raw_run):
     remote, local = S.OrbaxStore(run), S.OrbaxStore(raw_run)
     infos = remote.tensors()
     assert remote.mapped() == [] and local.mapped() == sorted(infos)
+    assert not any(remote.reads_are_views(n) for n in infos)
     for name in infos:
         assert _same(remote.read(name, ()), local.read(name, ()))
 

@@ -75,3 +75,27 @@ def test_pieces_of_every_kind_read_back_whole(tmp_path, dtype):
         np.testing.assert_array_equal(back[n].reshape(-1).view(np.uint8), np.asarray(a).reshape(-1).view(np.uint8),
                                       err_msg=n)
         assert back[n].shape == a.shape, n
+
+
+def test_chunk_shape_is_the_largest_exact_tiling_under_the_target():
+    """Checked against the definition, by brute force over every divisor, on shapes like real tensors'."""
+    from ptm.ckpt.writers import chunk_shape
+
+    def brute(shard, itemsize, target):
+        chunk = list(shard)
+        for ax in range(len(chunk)):
+            if np.prod(chunk, dtype=np.int64) * itemsize <= target:
+                break
+            rest = int(np.prod(chunk[ax + 1:], dtype=np.int64)) * itemsize
+            fits = [d for d in range(1, chunk[ax] + 1) if chunk[ax] % d == 0 and d * rest <= target]
+            chunk[ax] = max(fits, default=1)
+        return tuple(max(c, 1) for c in chunk)
+
+    rng = np.random.default_rng(0)
+    dims = [0, 1, 2, 3, 7, 22, 97, 512, 2048, 5632, 32000, 32002, 128256]
+    for _ in range(3000):
+        shard = tuple(int(d) for d in rng.choice(dims, int(rng.integers(0, 4))))
+        itemsize, target = int(rng.choice([1, 2, 4])), int(rng.choice([1, 1000, 1 << 16, 16 << 20, 1 << 30]))
+        got = chunk_shape(shard, itemsize, target)
+        assert got == brute(shard, itemsize, target), (shard, itemsize, target)
+        assert all(d % c == 0 for d, c in zip(shard, got, strict=True) if d)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ptm.ckpt import format as ckpt_format
+from ptm.ckpt import stores as S
 from ptm.ckpt.tree import flatten
 from ptm.errors import CheckpointError
 from ptm.merge import engine
@@ -199,6 +200,9 @@ def test_gcs_in_and_out(tmp_path, gcs_bucket, ckpts):
         remote[n] = f"{gcs_bucket}/in/{n}"
     save_safetensors(tmp_path / "st", {"a.w": np.ones((4, 4), BF16)})
     fs.put(str(tmp_path / "st/model.safetensors"), f"{gcs_bucket}/st/model.safetensors")
+    # fetched bytes on gs://, mapped pages locally (only these get their statistics computed ahead)
+    assert S.SafetensorsStore(str(tmp_path / "st")).reads_are_views("a.w")
+    assert not S.SafetensorsStore(f"{gcs_bucket}/st").reads_are_views("a.w")
     r = Recipe(
         "task_arithmetic",
         {"pre": remote["pre"], "general": remote["general"], "skills": [remote["s1"]]},

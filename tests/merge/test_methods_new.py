@@ -199,6 +199,13 @@ def test_gram_stats_is_exact():
     plain = spherical.gram_stats(lambda: iter([({"models": ms}, None)]), n)["gram"]  # no base: the models themselves
     mf = np.stack([m.astype(np.float64) for m in ms])
     assert np.allclose(plain, mf @ mf.T, rtol=1e-12, atol=0)
+    # float64 inputs: the Gram of the float32 values the methods combine, not of the float64 ones
+    m64 = [rng.standard_normal(n) * (1 + 1e-9) for _ in range(2)]
+    g64 = spherical.gram_stats(lambda: iter([({"models": m64}, None)]), n)["gram"]
+    r32 = np.stack([m.astype(np.float32).astype(np.float64) for m in m64])
+    assert np.allclose(g64, r32 @ r32.T, rtol=1e-12, atol=0)
+    exact = np.stack(m64)
+    assert not np.allclose(g64, exact @ exact.T, rtol=1e-12, atol=0)
 
 
 def test_ties_mergekit_keeps_exactly_k(ckpts):

@@ -110,6 +110,23 @@ def test_hf_frankenmerge_loads_in_transformers(tmp_path):
     assert np.array_equal(so.read("model.norm.weight", ()), sa.read("model.norm.weight", ()))
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    stack = engine.plan([r]).stores[0]  # a layer's tensors are its source's mapped pages
+    assert stack.reads_are_views("model.layers.3.self_attn.q_proj.weight")
+    assert stack.reads_are_views("model.norm.weight")
+
+
+def test_stacked_slices_are_copies_not_views(two, tmp_path):
+    raw = []
+    for i, p in enumerate(two[0][:2]):  # merge outputs are uncompressed: read as views of their mapped files
+        raw.append(str(tmp_path / f"raw{i}"))
+        engine.merge(Recipe("linear", {"models": [p]}, weights=[1.0], out=raw[-1], output_format="orbax"),
+                     progress=False, summary=False)
+        assert stores.open_store(raw[-1]).reads_are_views("layers.mlp.w_up")
+    r = recipe.from_dict({"method": "passthrough", "inputs": {"models": [raw[0]]}, "out": str(tmp_path / "f"),
+                          "slices": [{"sources": [[0, 2]]}, {"sources": [{"model": raw[1], "layer_range": [1, 3]}]}]})
+    stack = engine.plan(r).stores[0]  # from_dict: a list of recipes
+    assert not stack.reads_are_views("layers.mlp.w_up")  # concatenated from two inputs
+    assert stack.reads_are_views("embed.embedding")  # one input's own tensor
 
 
 def test_example_mergekit_configs_parse():

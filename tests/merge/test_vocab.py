@@ -108,6 +108,14 @@ def test_rows_token_by_token_and_transformers_loads(models, tmp_path, spec):
         assert model(torch.tensor([ids])).logits.shape[-1] == len(ov)
 
 
+def test_rebuilt_vocabulary_rows_are_not_views(models, tmp_path):
+    r = Recipe("task_arithmetic", {"pre": models["base"], "skills": [models["chat"], models["perm"]]},
+               weights=[0.5, 0.25], out=str(tmp_path / "o"), tokenizer="union", output_format="safetensors")
+    for st in engine.plan([r]).stores:
+        assert not st.reads_are_views("model.embed_tokens.weight")  # built row by token in memory
+        assert st.reads_are_views("model.layers.0.mlp.up_proj.weight")  # the input's mapped pages
+
+
 def test_token_in_two_models_not_base_takes_the_mean(tmp_path):
     base = _hf(tmp_path / "b", 0, WORDS)
     a = _hf(tmp_path / "a", 1, WORDS, ["<x>"])

@@ -8,8 +8,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from ptm.errors import MergeError
 from ptm.merge.methods.base import (
@@ -26,17 +27,28 @@ from ptm.merge.methods.base import (
 from ptm.merge.methods.select import sub_blocks
 
 GRAM_SUB = 1 << 17  # entries per sub-block of the Gram pass (32K: a few % more wall in per-call overhead)
+_IN_FLOAT32 = {np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)}  # exact in float32
+_BLAS: ThreadpoolController | None = None  # found once: looking up the loaded libraries costs ~1 ms a call
+
+
+def _one_blas_thread() -> Any:
+    """A context with OpenBLAS on one thread: it threads a sub-block's dot itself, 2x the CPU for 1.3x less wall
+    (measured), and the engine already runs this pass beside the combine."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, **_: Any) -> dict[str, Any]:
     """Gram matrix G_ij = <v_i, v_j> of the unit's vectors (the models, or their differences from `pre`), summed
     in float64 over sub-blocks of GRAM_SUB entries. The stream gives the stored dtype (`stored_dtype_units`):
-    converting whole pieces to float32 and then float64 cost ~3x the sums themselves. One thread: two were
-    slower on this 2-core machine (2.6-3.0 against 2.2 ns per entry, memory-bound)."""
+    converting whole pieces to float32 and then float64 cost ~3x the sums themselves. Without `pre`, values
+    that float32 holds exactly go to float64 in one cast (0.16 ns per entry less). One thread: two were slower
+    on this 2-core machine (2.6-3.0 against 2.2 ns per entry, memory-bound)."""
     g: np.ndarray | None = None
     f32 = p32 = t64 = None
-    # OpenBLAS threads a sub-block's dot itself: 2x the CPU for 1.3x less wall (measured)
-    with threadpool_limits(1, user_api="blas"):
+    with _one_blas_thread():
         for x, _ in stream():
             ms = [np.ascontiguousarray(m).reshape(-1) for m in (x["models"] if "models" in x else x["skills"])]
             pre = np.ascontiguousarray(x["pre"]).reshape(-1) if "pre" in x else None
@@ -47,14 +59,18 @@ def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, *
                 t64 = np.empty((k, GRAM_SUB))
             for sl in sub_blocks(ms[0].size, GRAM_SUB):
                 m = sl.stop - sl.start
-                f = f32[:, :m]
-                for i, a in enumerate(ms):
-                    f[i] = a[sl]
-                if pre is not None:  # differences in float32, as the methods' fn computes them
-                    p32[:m] = pre[sl]
-                    np.subtract(f, p32[:m], out=f)
                 t = t64[:, :m]
-                t[...] = f
+                if pre is None and all(a.dtype in _IN_FLOAT32 for a in ms):
+                    for i, a in enumerate(ms):
+                        t[i] = a[sl]
+                else:  # in float32 (differences too), as the methods' fn computes them
+                    f = f32[:, :m]
+                    for i, a in enumerate(ms):
+                        f[i] = a[sl]
+                    if pre is not None:
+                        p32[:m] = pre[sl]
+                        np.subtract(f, p32[:m], out=f)
+                    t[...] = f
                 for i in range(k):  # k(k+1)/2 dots: BLAS gemm on a k x 32K block is ~5x slower for small k
                     for j in range(i, k):
                         g[i, j] += float(np.dot(t[i], t[j]))
