@@ -51,7 +51,6 @@ def _largest_divisor(n: int, cap: int) -> int:
     return best
 
 
-
 MIN_RUN_BYTES = 64 << 10  # below this (with more than MAX_SMALL_RUNS runs) a mapped write beats many pwrites
 MAX_SMALL_RUNS = 16
 

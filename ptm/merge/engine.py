@@ -74,6 +74,11 @@ class Plan:
     def names(self) -> list[str]:
         return list(self.infos)
 
+    @property
+    def has_stats(self) -> bool:
+        """Whether some job's method has whole-tensor or per-unit statistics (a second pass over the inputs)."""
+        return any(j.method.stats is not None or j.method.unit_stats is not None for j in self.jobs)
+
 
 def check_compatible(stores: list[S.InputStore]) -> dict[str, S.TensorInfo]:
     """The common tensor set; raises one MergeError that lists every missing/extra tensor and shape/dtype
@@ -308,7 +313,6 @@ class _Combiner:
         self._units: dict[tuple[int, str, int | None], np.ndarray] = {}  # matrix methods' results, current tensor
         self._bufs = [np.empty(BLOCK, np.float32) for _ in plan.stores]
         self._shared = M.SharedBlock(BLOCK)  # work that the jobs of one pass share (methods' fast paths)
-        self._has_stats = any(j.method.stats is not None or j.method.unit_stats is not None for j in plan.jobs)
         # Stores are not thread-safe (caches, lazily opened files): every read is started under this lock.
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -333,7 +337,7 @@ class _Combiner:
         self.stats.update(stats)
         self._units.clear()
         self.unit_stats = units
-        if then is not None and self._has_stats and self._views(then):
+        if then is not None and self.plan.has_stats and self._views(then):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="ptm-merge-stats")
             self._ahead[then] = self._pool.submit(self._stats_of, then)
@@ -600,9 +604,8 @@ def _memory_bound(plan: Plan, chunks: dict[str, tuple[int, ...]]) -> int:
     out_item = max((d.itemsize for j in plan.jobs for d in j.out_dtypes.values()), default=4)
     # two pieces of every input in flight, each job's output piece plus up to 4 queued writes, block buffers,
     # and the statistics thread's float32 copies (a piece of every input and a difference)
-    stats = any(j.method.stats is not None or j.method.unit_stats is not None for j in plan.jobs)
     return (biggest * (2 * len(plan.stores) * in_item + 5 * len(plan.jobs) * out_item
-                       + stats * (len(plan.stores) + 1) * 4) + BLOCK * 4 * 8)
+                       + plan.has_stats * (len(plan.stores) + 1) * 4) + BLOCK * 4 * 8)
 
 
 def _writers(plan: Plan, chunks: dict[str, tuple[int, ...]], overwrite: bool, mesh) -> None:
