@@ -8,6 +8,8 @@ import numpy as np
 from ptm.errors import ConfigError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+# Float dtypes whose every value float32 holds exactly (the merge computes in float32).
+FLOAT32_EXACT = frozenset({BF16, np.dtype(np.float16), np.dtype(np.float32)})
 
 # safetensors header names <-> numpy dtypes (`safetensors.numpy` refuses bf16, hence our own table).
 SAFETENSORS: dict[str, np.dtype] = {

@@ -25,7 +25,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,7 @@ from ptm.ckpt import format as ckpt_format
 from ptm.ckpt import placement, tree
 from ptm.ckpt import stores as S
 from ptm.ckpt import writers as W
-from ptm.ckpt.dtypes import parse_dtype
+from ptm.ckpt.dtypes import FLOAT32_EXACT, parse_dtype
 from ptm.errors import MergeError
 from ptm.merge import hf_output
 from ptm.merge import inputs as merge_inputs
@@ -292,10 +292,16 @@ def _inf_bits(d: np.dtype) -> tuple[np.dtype, Any, Any] | None:
 def _finite(stored: np.ndarray, f32: np.ndarray) -> bool:
     """Whether a block read (`stored`, contiguous) and its float32 copy `f32` are all finite: tested on the
     stored bits where float32 holds the values exactly, else on the copy (float64 may overflow float32)."""
-    bits = _inf_bits(stored.dtype) if stored.dtype.itemsize <= 4 else None
+    bits = _inf_bits(stored.dtype) if stored.dtype in FLOAT32_EXACT else None
     if bits is None:
         return bool(np.isfinite(f32).all()) if stored.dtype.kind in "fcV" else True
     return bool((stored.view(bits[0]) & bits[1]).max() < bits[2]) if stored.size else True
+
+
+def _following(names: Iterable[str]) -> dict[str, str]:
+    """Tensor -> the tensor merged after it, in merge order (`names` may repeat a tensor, once per piece)."""
+    order = list(dict.fromkeys(names))
+    return dict(zip(order, order[1:], strict=False))
 
 
 class _Closed(Exception):
@@ -723,8 +729,7 @@ def merge(
         )
         done_tensors: set[str] = set()
         with _gc_paused():
-            names = list(dict.fromkeys(n for n, _ in work))
-            following = dict(zip(names, names[1:], strict=False))
+            following = _following(n for n, _ in work)
             nxt = [comb.read_async(si, *work[0]) for si in range(len(pl.stores))] if work else []
             for w, (name, idx) in enumerate(work):
                 if w == 0 or work[w - 1][0] != name:
@@ -799,8 +804,7 @@ def merge_to_tree(
             out[local] = comb.combine(name, p, arrays)[0]
         return out
 
-    names = list(pl.infos)
-    following = dict(zip(names, names[1:], strict=False))
+    following = _following(pl.infos)
     try:
         for name, info in pl.infos.items():
             comb.tensor_stats(name, following.get(name))

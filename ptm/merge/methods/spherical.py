@@ -8,10 +8,10 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from ptm.ckpt.dtypes import FLOAT32_EXACT
 from ptm.errors import MergeError
 from ptm.merge.methods.base import (
     _GTA,
@@ -27,7 +27,6 @@ from ptm.merge.methods.base import (
 from ptm.merge.methods.select import sub_blocks
 
 GRAM_SUB = 1 << 17  # entries per sub-block of the Gram pass (32K: a few % more wall in per-call overhead)
-_IN_FLOAT32 = {np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)}  # exact in float32
 _BLAS: ThreadpoolController | None = None  # found once: looking up the loaded libraries costs ~1 ms a call
 
 
@@ -60,7 +59,7 @@ def gram_stats(stream: Callable[[], Iterable[tuple[Arrays, Any]]], numel: int, *
             for sl in sub_blocks(ms[0].size, GRAM_SUB):
                 m = sl.stop - sl.start
                 t = t64[:, :m]
-                if pre is None and all(a.dtype in _IN_FLOAT32 for a in ms):
+                if pre is None and all(a.dtype in FLOAT32_EXACT for a in ms):
                     for i, a in enumerate(ms):
                         t[i] = a[sl]
                 else:  # in float32 (differences too), as the methods' fn computes them
